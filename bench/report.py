@@ -1,0 +1,310 @@
+"""Tables and plots of a run directory: summary.csv, summary.md, summary.tex and figures/*.png.
+
+`write_report(run_dir)` loads the run (bench.metrics), computes the summary table and writes
+everything next to the answers. Figures are drawn on matplotlib's Agg canvas directly, without
+pyplot, so the report never touches global plotting state.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bench.errors import UserError
+from bench.metrics import OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, load_run, summarize
+
+# Decimals kept in summary.csv for each float column.
+CSV_DECIMALS = {
+    "new_tokens_mean": 2, "tokens_per_s": 3, "speedup": 4, "speedup_std": 4,
+    "mean_accepted_tokens": 4, "acceptance_rate": 4, "lossless": 4,
+}
+DISPLAY_NAMES = {
+    "mt_bench": "MT-bench", "translation": "Translation", "summarization": "Summarization",
+    "qa": "QA", "math_reasoning": "Math", "rag": "RAG", OVERALL: "Overall",
+}
+LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}
+
+
+def write_report(run_dir) -> pd.DataFrame:
+    """Write summary.csv, summary.md, summary.tex and figures/ into run_dir; return the table."""
+    directory = Path(run_dir)
+    run = load_run(directory)
+    table = summarize(run)
+    if table.empty:
+        raise UserError(f"{directory}: no method to report")
+    write_csv(table, directory / "summary.csv")
+    (directory / "summary.md").write_text(markdown_report(run, table), encoding="utf-8")
+    (directory / "summary.tex").write_text(latex_table(run, table), encoding="utf-8")
+    figures = directory / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_speedup(run, table, figures / "speedup.png")
+    plot_mean_accepted_tokens(run, table, figures / "mean_accepted_tokens.png")
+    plot_overhead(run, table, figures / "overhead.png")
+    return table
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """summary.csv: the exact header, floats rounded, unknown values empty."""
+    rounded = table[SUMMARY_COLUMNS].copy()
+    for column, decimals in CSV_DECIMALS.items():
+        rounded[column] = rounded[column].round(decimals)
+    rounded.to_csv(path, index=False, na_rep="")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def display_name(category: str) -> str:
+    return DISPLAY_NAMES.get(category, category)
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIALS.get(character, character) for character in str(text))
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _number(value, decimals: int, suffix: str = "") -> str:
+    return "–" if _missing(value) else f"{value:.{decimals}f}{suffix}"
+
+
+def _speedup_text(row, runs: int, times: str = "×") -> str:
+    if _missing(row["speedup"]):
+        return "–"
+    text = f"{row['speedup']:.2f}"
+    if runs > 1 and not _missing(row["speedup_std"]):
+        text += f" ± {row['speedup_std']:.2f}"
+    return text + times
+
+
+def _scaled(value, scale: float, decimals: int) -> str:
+    return "–" if _missing(value) else f"{value / scale:.{decimals}f}"
+
+
+def _shown_methods(run: Run, table: pd.DataFrame) -> list[str]:
+    """Methods that ran (not skipped), in table order."""
+    labels = list(dict.fromkeys(table["method"]))
+    return [label for label in labels if not is_skipped(run, label)]
+
+
+def _categories(table: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(table["category"]))
+
+
+def _hardware(config: dict) -> str | None:
+    hardware = config.get("environment", {}).get("hardware")
+    if isinstance(hardware, dict):
+        return ", ".join(f"{key}: {value}" for key, value in hardware.items())
+    return None if hardware is None else str(hardware)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def markdown_report(run: Run, table: pd.DataFrame) -> str:
+    """The human-readable summary: settings, the table, skipped methods, failures, lossless notes."""
+    config = run.config
+    runs = int(table["runs"].max()) if table["runs"].notna().any() else 1
+    lines = [f"# Spec-Bench results: {config.get('model', 'unknown model')}", ""]
+    settings = [
+        ("device", config.get("device")), ("dtype", config.get("dtype")),
+        ("matmul", config.get("matmul")), ("max_new_tokens", config.get("max_new_tokens")),
+        ("runs", config.get("runs")), ("hardware", _hardware(config)),
+    ]
+    lines += [f"- {name}: {value}" for name, value in settings if value is not None]
+    lines += [
+        "",
+        "Speedup = mean throughput ÷ vanilla's mean throughput on the same questions in this run "
+        "(a ratio of means, as Spec-Bench's speed.py)"
+        + ("; ± is the sample standard deviation over runs." if runs > 1 else ".")
+        + " τ = mean accepted tokens per target forward pass (vanilla = 1.00).",
+        "",
+    ]
+    header = [
+        "Method", "Category", "Questions", "Speedup", "τ", "Acceptance", "Tokens/s", "Lossless",
+        "Trained params (M)", "Extra memory (MB)", "Peak memory (MB)",
+    ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    shown = set(_shown_methods(run, table))
+    for _, row in table.iterrows():
+        if row["method"] not in shown:
+            continue
+        cells = [
+            row["method"], row["category"], str(row["questions"]), _speedup_text(row, runs),
+            _number(row["mean_accepted_tokens"], 2), _percent(row["acceptance_rate"]),
+            _number(row["tokens_per_s"], 2), _percent(row["lossless"]),
+            _scaled(row["trained_params"], 1e6, 2), _scaled(row["extra_memory_bytes"], 1e6, 1),
+            _scaled(row["peak_memory_bytes"], 1e6, 1),
+        ]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += _skipped_section(run, table) + _failures_section(run) + _lossless_section(run, table)
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value) -> str:
+    return "–" if _missing(value) else f"{100 * value:.1f}%"
+
+
+def _skipped_section(run: Run, table: pd.DataFrame) -> list[str]:
+    skipped = [label for label in dict.fromkeys(table["method"]) if is_skipped(run, label)]
+    if not skipped:
+        return []
+    lines = ["", "## Skipped methods", ""]
+    for label in skipped:
+        reason = run.stats.get(label, {}).get("reason") or "no reason recorded"
+        lines.append(f"- {label}: {reason}")
+    return lines
+
+
+def _failures_section(run: Run) -> list[str]:
+    failures = errors(run)
+    if not failures:
+        return []
+    lines = ["", "## Failed questions", "", "These are left out of every number above.", ""]
+    lines += [f"- {label}, question {question_id}: {error}" for label, question_id, error in failures]
+    return lines
+
+
+def _lossless_section(run: Run, table: pd.DataFrame) -> list[str]:
+    """List near ties and diverged questions per method (from choice 0's verdict)."""
+    lines = []
+    for label in _shown_methods(run, table):
+        verdicts: dict[str, list] = {"near_tie": [], "diverged": []}
+        for record in run.answers.get(label, []):
+            if record.get("choices") and not record.get("error"):
+                verdict = record["choices"][0].get("lossless")
+                if verdict in verdicts:
+                    verdicts[verdict].append(record["question_id"])
+        for verdict, ids in verdicts.items():
+            if ids:
+                lines.append(f"- {label}: {len(ids)} {verdict.replace('_', ' ')} "
+                             f"question(s): {', '.join(map(str, ids))}")
+    if not lines:
+        return []
+    return [
+        "", "## Lossless check", "",
+        "A near tie parts from vanilla where vanilla's top-2 logits nearly tie (floating-point "
+        "order, allowed); diverged means a difference elsewhere, which is a bug.", "",
+    ] + lines
+
+
+# ---------------------------------------------------------------------------------------------
+# LaTeX
+
+
+def latex_table(run: Run, table: pd.DataFrame) -> str:
+    """A booktabs table: methods as rows, categories as column pairs (speedup, τ)."""
+    categories = _categories(table)
+    runs = int(table["runs"].max()) if table["runs"].notna().any() else 1
+    lines = [
+        "% Generated by `python -m bench report`; needs \\usepackage{booktabs}.",
+        "\\begin{tabular}{l" + "rr" * len(categories) + "}",
+        "\\toprule",
+        "Method & " + " & ".join(
+            f"\\multicolumn{{2}}{{c}}{{{latex_escape(display_name(c))}}}" for c in categories
+        ) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(categories))),
+        " & " + " & ".join("Speedup & $\\tau$" for _ in categories) + " \\\\",
+        "\\midrule",
+    ]
+    for label in _shown_methods(run, table):
+        rows = table[table["method"] == label].set_index("category")
+        cells = [latex_escape(label)]
+        for category in categories:
+            row = rows.loc[category]
+            speedup = _speedup_text(row, runs, times="$\\times$").replace("±", "$\\pm$")
+            cells += [speedup.replace("–", "--"), _number(row["mean_accepted_tokens"], 2).replace("–", "--")]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    model = latex_escape(run.config.get("model", ""))
+    caption = f"% Speedup over vanilla and mean accepted tokens $\\tau$ on Spec-Bench, {model}."
+    return "\n".join([caption] + lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _new_figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, object]:
+    figure = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot(1, 1, 1)
+
+
+def _grouped_bars(axes, table: pd.DataFrame, methods: list[str], value: str, error: str | None):
+    """Bars of `value` per category (x) and method (colour), with optional error bars."""
+    categories = _categories(table)
+    positions = np.arange(len(categories))
+    width = 0.8 / max(len(methods), 1)
+    for number, label in enumerate(methods):
+        rows = table[table["method"] == label].set_index("category").reindex(categories)
+        heights = rows[value].to_numpy(dtype=float)
+        errors_ = rows[error].to_numpy(dtype=float) if error else None
+        if errors_ is not None and np.isnan(errors_).all():
+            errors_ = None
+        axes.bar(positions + (number - (len(methods) - 1) / 2) * width, np.nan_to_num(heights),
+                 width, yerr=None if errors_ is None else np.nan_to_num(errors_),
+                 capsize=3, label=label)
+    axes.set_xticks(positions, [display_name(c) for c in categories])
+    if methods:
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_speedup(run: Run, table: pd.DataFrame, path: Path) -> None:
+    """Grouped bars of speedup per category and method; a dashed line marks vanilla's 1.0."""
+    figure, axes = _new_figure()
+    runs = int(table["runs"].max()) if table["runs"].notna().any() else 1
+    _grouped_bars(axes, table, _shown_methods(run, table), "speedup",
+                  "speedup_std" if runs > 1 else None)
+    axes.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    axes.set_ylabel("speedup over vanilla" + (f" (mean ± std, {runs} runs)" if runs > 1 else ""))
+    axes.set_title(f"Spec-Bench speedup: {run.config.get('model', '')}")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot_mean_accepted_tokens(run: Run, table: pd.DataFrame, path: Path) -> None:
+    """Grouped bars of τ (mean accepted tokens per target forward) per category and method."""
+    figure, axes = _new_figure()
+    _grouped_bars(axes, table, _shown_methods(run, table), "mean_accepted_tokens", None)
+    axes.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    axes.set_ylabel("mean accepted tokens τ")
+    axes.set_title(f"Mean accepted tokens per target forward: {run.config.get('model', '')}")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot_overhead(run: Run, table: pd.DataFrame, path: Path) -> None:
+    """Two bar panels per method: trained parameters (M) and extra memory (MB); n/a if unknown."""
+    figure = Figure(figsize=(9.0, 4.0), dpi=120)
+    FigureCanvasAgg(figure)
+    methods = _shown_methods(run, table)
+    overall = table[table["category"] == OVERALL].set_index("method").reindex(methods)
+    panels = [("trained_params", 1e6, "trained parameters (M)"),
+              ("extra_memory_bytes", 1e6, "extra memory (MB)")]
+    for number, (column, scale, title) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, 2, number)
+        values = overall[column].astype("Float64").to_numpy(dtype=float, na_value=np.nan) / scale
+        bars = axes.bar(np.arange(len(methods)), np.nan_to_num(values))
+        for bar, value in zip(bars, values):
+            axes.annotate("n/a" if np.isnan(value) else f"{value:.3g}",
+                          (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)
+        axes.set_ylim(0, max(float(np.nanmax(values, initial=0.0)) * 1.15, 1.0))
+        axes.set_xticks(np.arange(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        axes.set_title(title)
+    figure.suptitle(f"Method overhead: {run.config.get('model', '')}")
+    figure.tight_layout()
+    figure.savefig(path)

@@ -1,0 +1,367 @@
+"""The sweep: every method over the chosen Spec-Bench questions, timed as Spec-Bench times them.
+
+Protocol (DESIGN.md §7): batch size 1, greedy, one untimed warm-up generation on the first question,
+device sync then `time.perf_counter()` around generation only. Multi-turn questions feed the
+method's own earlier answers back in. Each question's answer line is written atomically as soon as
+it is done, so an interrupted run resumes where it stopped; a question that fails is recorded with
+its error and the run goes on. `vanilla` always runs first: speedups and the lossless check
+(identical / near_tie / diverged, see `classify`) are measured against it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import methods
+from bench import data
+from bench.errors import UserError
+from bench.models import LoadedModel, load_model
+from bench.specs import MethodSpec, parse_method_args, parse_method_specs, resolve
+from methods.runtime import MATMUL_PATHS, pick_matmul_path
+
+DEFAULT_METHODS = "vanilla,hf-generate"
+NEAR_TIE_RELATIVE_GAP = 1e-4  # top-2 logit gap below this (relative to |top-1|, at least 1) is a near tie
+PACKAGES = ("torch", "transformers", "numpy", "pandas", "safetensors", "tokenizers", "gguf", "accelerate")
+
+
+class MissingCheckpoint(UserError):
+    """A method has no trained weights for this model (skipped in default sweeps)."""
+
+
+@dataclass
+class RunSettings:
+    model: str = "gemma-3-270m"
+    methods: str | None = None  # None: DEFAULT_METHODS, where methods without a checkpoint are skipped
+    categories: str | None = None
+    limit: int | None = None
+    max_new_tokens: int = 1024
+    runs: int = 1
+    questions: str | None = None
+    out: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    matmul: str = "auto"
+    method_args: list[str] = field(default_factory=list)
+    template: str | None = None
+    report: bool = True
+
+
+# ---- config ------------------------------------------------------------------------------------
+def config_hash(config: dict) -> str:
+    determining = {k: v for k, v in config.items() if k not in ("config_hash", "environment")}
+    determining["questions"] = {"sha256": config["questions"]["sha256"]}  # not the path: it varies by machine
+    return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()
+
+
+def environment() -> dict:
+    import importlib.metadata as metadata
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", False
+    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "packages": packages, "hardware": hardware(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    info["name"] = info.get("gpu", cpu)
+    return info
+
+
+def prepare_out_dir(out: Path, config: dict) -> dict:
+    """Create DIR or check that the run it holds has the same config (then the run resumes).
+    A run with the same settings but fewer methods may be extended with new ones."""
+    path = out / "config.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} is not valid JSON ({error}); move the directory away or pick another --out")
+        differences = [k for k in sorted(set(old) | set(config))
+                       if k not in ("config_hash", "environment", "methods", "questions") and old.get(k) != config.get(k)]
+        if old.get("questions", {}).get("sha256") != config["questions"]["sha256"]:
+            differences.append("questions")
+        changed = [label for label, entry in config["methods"].items()
+                   if label in old.get("methods", {}) and old["methods"][label] != entry]
+        if differences or changed:
+            what = ", ".join(differences + [f"methods[{label}]" for label in changed])
+            raise UserError(f"{out} holds a run with a different config ({what} differ). Its answers are kept: "
+                            f"pass another --out to start a new run, or delete {out} to replace it.")
+        merged = dict(old.get("methods", {}))
+        merged.update(config["methods"])
+        config = {**config, "methods": merged}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "answers").mkdir(exist_ok=True)
+    config["config_hash"] = config_hash(config)
+    write_atomic(path, json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# ---- answers -----------------------------------------------------------------------------------
+def read_answers(path: Path) -> dict[int, dict]:
+    records: dict[int, dict] = {}
+    if not path.exists():
+        return records
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records[int(record["question_id"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise UserError(f"{path}, line {number}: not a valid answer line ({error}). Fix or delete that line "
+                            f"(that question is then rerun), or pick another --out.") from None
+    return records
+
+
+def write_answers(path: Path, records: dict[int, dict]) -> None:
+    lines = [json.dumps(records[q], ensure_ascii=False) for q in sorted(records)]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: int, run_index: int) -> dict:
+    """One choice of the answer schema: every turn, generated and timed."""
+    answers, choice = [], {"index": run_index, "turns": [], "decoding_steps": [], "new_tokens": [],
+                           "wall_time": [], "accept_lengths": [], "draft_lengths": [], "output_ids": []}
+    device, stops = model.runtime.device, set(model.stop_ids)
+    for turn in range(len(question["turns"])):
+        prompt_ids = model.prompt_ids(question["turns"][:turn + 1], answers)
+        sync(device)
+        started = time.perf_counter()
+        generation = method.generate(prompt_ids, max_new_tokens, model.stop_ids)
+        sync(device)
+        wall = time.perf_counter() - started
+        text = model.tokenizer.decode([t for t in generation.new_ids if t not in stops]).strip()
+        answers.append(text)
+        choice["turns"].append(text)
+        choice["decoding_steps"].append(len(generation.accept_lengths))
+        choice["new_tokens"].append(len(generation.new_ids))
+        choice["wall_time"].append(wall)
+        choice["accept_lengths"] += generation.accept_lengths
+        choice["draft_lengths"] += generation.draft_lengths
+        choice["output_ids"].append(generation.new_ids)
+    return choice
+
+
+@torch.inference_mode()
+def classify(model: LoadedModel, question: dict, reference: dict, choice: dict) -> str:
+    """identical / near_tie / diverged against vanilla's choice (DESIGN.md §4). At the first token
+    where the two part ways, the prompt plus vanilla's tokens up to there is re-run; if vanilla's
+    top-2 logits there are within NEAR_TIE_RELATIVE_GAP the parting is a legitimate near tie."""
+    for turn, (expected, got) in enumerate(zip(reference["output_ids"], choice["output_ids"])):
+        if expected == got:
+            continue
+        index = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+        if index >= len(expected) or index >= len(got):
+            return "diverged"
+        prefix = model.prompt_ids(question["turns"][:turn + 1], reference["turns"][:turn]) + expected[:index]
+        runtime = model.runtime
+        logits = runtime.forward(torch.tensor([prefix], device=runtime.device),
+                                 runtime.new_cache(len(prefix)), 0, last_only=True)[0, -1].double()
+        top = torch.topk(logits, 2).values
+        gap = float(top[0] - top[1])
+        return "near_tie" if gap < NEAR_TIE_RELATIVE_GAP * max(1.0, abs(float(top[0]))) else "diverged"
+    return "identical"
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+def build_method(spec: MethodSpec, options: dict, model: LoadedModel):
+    try:
+        return methods.get(spec.name)(model.runtime, **options)
+    except MissingCheckpoint:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f"method {spec.label}: {error}") from None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (Linux: KiB)
+
+
+def run(settings: RunSettings) -> Path:
+    """Run (or resume) a sweep and write its report. Returns the run directory."""
+    if settings.limit is not None and settings.limit <= 0:
+        raise UserError("--limit must be a positive integer (questions per group)")
+    if settings.max_new_tokens <= 0 or settings.runs <= 0:
+        raise UserError("--max-new-tokens and --runs must be positive integers")
+    explicit = settings.methods is not None
+    specs = parse_method_specs(settings.methods or DEFAULT_METHODS)
+    if "vanilla" not in [s.label for s in specs]:
+        specs.insert(0, MethodSpec("vanilla"))
+    specs.sort(key=lambda s: s.label != "vanilla")  # vanilla first: the others are compared with it
+    defaults = parse_method_args(settings.method_args)
+    options = {s.label: resolve(s, defaults) for s in specs}
+    groups = data.resolve_categories(settings.categories)
+    questions_file, pinned = data.questions_path(settings.questions)
+    questions = data.select_questions(data.load_questions(questions_file), groups, settings.limit)
+    if settings.matmul not in ("auto",) + MATMUL_PATHS:
+        raise UserError(f"unknown --matmul {settings.matmul!r}; valid: auto, {', '.join(MATMUL_PATHS)}")
+
+    model = load_model(settings.model, settings.device, settings.dtype, settings.template)
+    if settings.matmul == "blas" and model.runtime.device.type != "cpu":
+        raise UserError("--matmul blas is a CPU path; use auto or torch on a GPU")
+    matmul = pick_matmul_path(model.runtime, settings.matmul)  # the same path for every method of the run
+    out = Path(settings.out or Path("runs") / model.alias)
+    config = {
+        "model": model.alias, "model_source": model.source, "family": model.family, "template": model.template,
+        "device": model.runtime.device.type, "dtype": str(model.runtime.dtype).removeprefix("torch."),
+        "matmul": matmul,
+        "questions": {"path": str(questions_file), "sha256": data.file_sha256(questions_file), "pinned": pinned},
+        "categories": groups, "limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
+        "runs": settings.runs,
+        "methods": {s.label: {"name": s.name, "spec": s.label, "options": options[s.label], "checkpoints": {}}
+                    for s in specs},
+        "environment": environment(),
+    }
+    config = prepare_out_dir(out, config)
+    print(f"[run] {len(questions)} questions ({', '.join(groups)}), {settings.max_new_tokens} new tokens, "
+          f"{settings.runs} run(s), on {config['device']}/{config['dtype']}; writing {out}", file=sys.stderr)
+    stats_path = out / "method_stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    reference: dict[int, dict] = {}
+    for spec in specs:
+        try:
+            method = build_method(spec, options[spec.label], model)
+        except MissingCheckpoint as error:
+            if explicit:
+                raise
+            print(f"[run] skipping {spec.label}: {error}", file=sys.stderr)
+            stats[spec.label] = {"name": spec.name, "status": "skipped", "reason": str(error), "trained_params": 0,
+                                 "extra_memory_bytes": 0, "peak_memory_bytes": None}
+            write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
+            continue
+        records = run_method(model, method, spec, questions, settings, out, reference)
+        if spec.label == "vanilla":
+            reference = records
+        overhead = method.overhead()
+        config["methods"][spec.label]["checkpoints"] = getattr(method, "checkpoints", {})
+        stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None,
+                             "trained_params": overhead.trained_params,
+                             "extra_memory_bytes": overhead.extra_memory_bytes,
+                             "peak_memory_bytes": peak_memory_bytes(model.runtime.device)}
+        write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
+        del method
+    config["config_hash"] = config_hash(config)
+    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
+    if settings.report:
+        from bench.report import write_report
+        write_report(out)
+    return out
+
+
+def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dict], settings: RunSettings,
+               out: Path, reference: dict[int, dict]) -> dict[int, dict]:
+    path = out / "answers" / f"{spec.file_name}.jsonl"
+    records = read_answers(path)
+    todo = [q for q in questions if "error" in records.get(q["question_id"], {"error": None})]
+    if model.runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.runtime.device)
+    if todo:
+        first = questions[0]  # warm-up, untimed
+        method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids)
+    progress = tqdm(todo, desc=f"{spec.label:>16}", unit="q", file=sys.stderr, dynamic_ncols=True)
+    for question in progress:
+        qid = question["question_id"]
+        record = {"question_id": qid, "category": question["category"], "group": question["group"],
+                  "answer_id": hashlib.sha1(f"{spec.label}/{qid}".encode()).hexdigest()[:22],
+                  "model_id": spec.label, "choices": [], "tstamp": time.time()}
+        try:
+            for run_index in range(settings.runs):
+                choice = answer_question(model, method, question, settings.max_new_tokens, run_index)
+                if spec.label == "vanilla":
+                    choice["lossless"] = "identical"
+                elif qid in reference and reference[qid].get("choices"):
+                    vanilla_choices = reference[qid]["choices"]
+                    vanilla_choice = vanilla_choices[min(run_index, len(vanilla_choices) - 1)]
+                    choice["lossless"] = classify(model, question, vanilla_choice, choice)
+                record["choices"].append(choice)
+            tokens = sum(sum(c["new_tokens"]) for c in record["choices"])
+            seconds = sum(sum(c["wall_time"]) for c in record["choices"])
+            progress.set_postfix(tok_s=f"{tokens / seconds:.1f}")
+        except Exception as error:  # recorded, and the run goes on (DESIGN.md §7)
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            record["choices"] = []
+            record["error"] = f"{type(error).__name__}: {error}"
+            print(f"[run] {spec.label} question {qid} failed: {record['error']}\n"
+                  f"{''.join(traceback.format_exception(error)[-3:])}", file=sys.stderr)
+            if model.runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+        record["tstamp"] = time.time()
+        records[qid] = record
+        write_answers(path, records)
+    return records
+
+
+def settings_from_config(path: str) -> dict:
+    """RunSettings fields stored in a run's config.json, to rerun it exactly (`run --config`)."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read --config {path}: {error}") from None
+    try:
+        method_specs = [entry["spec"] for entry in config["methods"].values()]
+        method_args = []
+        for entry in config["methods"].values():
+            pairs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                     for k, v in entry["options"].items() if v is not None]
+            if pairs:  # a name's non-spec options are the same for all its labels
+                method_args.append(f"{entry['name']}:" + ",".join(pairs))
+        return {"model": config["model"], "methods": ",".join(method_specs), "categories": ",".join(config["categories"]),
+                "limit": config["limit"], "max_new_tokens": config["max_new_tokens"], "runs": config["runs"],
+                "device": config["device"], "dtype": config["dtype"], "matmul": config["matmul"],
+                "method_args": method_args, "template": config.get("template")}
+    except (KeyError, TypeError) as error:
+        raise UserError(f"--config {path} lacks the field {error}; it must be a run directory's config.json") from None
+
+
+def settings_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunSettings)]

@@ -1,0 +1,41 @@
+"""transformers' own greedy `generate` on the same weights: a reference for the runtime's speed."""
+from __future__ import annotations
+
+import torch
+
+from methods import Generation, Method, register
+from methods.runtime import DEFAULT_TORCH_THREADS
+
+
+@register("hf-generate")
+class HFGenerate(Method):
+    description = "transformers' own greedy generate() on the same weights (reference for the runtime)"
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        if model.source_model is None:
+            raise ValueError("hf-generate needs the transformers model the runtime was loaded from")
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
+        hf_model = self.model.source_model
+        threads = torch.get_num_threads()
+        torch.set_num_threads(DEFAULT_TORCH_THREADS)  # the stock library runs as it would on its own
+        try:
+            return self._generate(hf_model, prompt_ids, max_new_tokens, stop_ids)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _generate(self, hf_model, prompt_ids, max_new_tokens, stop_ids) -> Generation:
+        prompt = torch.tensor([prompt_ids], device=self.model.device)
+        output = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(stop_ids),
+                                   pad_token_id=stop_ids[0] if stop_ids else 0, num_beams=1,
+                                   temperature=None, top_p=None, top_k=None)
+        new_ids = output[0, len(prompt_ids):].tolist()
+        stops = set(stop_ids)
+        for i, token in enumerate(new_ids):  # generate pads after the stop token
+            if token in stops:
+                new_ids = new_ids[:i + 1]
+                break
+        return Generation(new_ids, [1] * len(new_ids))

@@ -1,0 +1,457 @@
+"""The transformer runtime that every decoding method shares.
+
+One compact PyTorch decoder for the Llama (Vicuna, Llama-2/3, Mistral), Qwen2 and Gemma3 families:
+plain functions, explicit positions, a preallocated KV cache written by slot, and a forward over any
+range of layers, so that a method can run layers [0, l) and [l, N) separately on one cache
+(Kangaroo) or verify a token tree in one pass (Medusa).
+
+Slots and positions are separate: a token is written to a cache *slot* and rotated by its RoPE
+*position*. In linear decoding the two are equal; in tree verification the nodes sit in consecutive
+slots after the prefix while their position is prefix length + depth. The cache remembers each
+slot's position, which the sliding-window mask needs.
+
+Behaviour that must match transformers (proved by tests/test_runtime.py) is marked "matches HF":
+where the reference upcasts to float32 (norms, RoPE tables) we do the same, so that float64 runs
+agree to the last bit that matters.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("llama", "qwen2", "gemma3")
+MATMUL_PATHS = ("torch", "blas")
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+
+
+@dataclass
+class TransformerConfig:
+    family: str  # one of FAMILIES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...} or None
+    local_rope_theta: float | None = None  # RoPE base of sliding-window layers (Gemma3)
+    sliding_window: int | None = None  # a key is visible while query_pos - key_pos < window
+    layer_types: list[str] = field(default_factory=list)  # "full" | "sliding" per layer
+    qkv_bias: bool = False
+    o_bias: bool = False
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh"
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by this ** -0.5
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if not self.layer_types:
+            self.layer_types = ["full"] * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's quirks: (1 + w) norms, q/k norms, four norms per layer, scaled embeddings."""
+        return self.family == "gemma3"
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm. Llama style: w * x̂; Gemma style: x̂ * (1 + w). Matches HF: the
+    statistics are computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+        self.eps = eps
+        self.plus_one = plus_one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with an optional BLAS path for CPU inference.
+
+    On some CPUs torch's product is 2-3x slower than OpenBLAS for the skinny shapes of decoding
+    (1-16 rows, DESIGN.md §3). `use_blas()` keeps a contiguous transposed copy of the weight as a
+    numpy array and computes x @ Wᵀ through numpy; torch.from_numpy shares the result at no cost.
+    The torch weight stays (the transformers model shares it). Tensors that need gradients, or
+    live on a GPU, always take the torch path."""
+
+    blas_weight: np.ndarray | None = None
+
+    def use_blas(self, enabled: bool) -> None:
+        if not enabled:
+            self.blas_weight = None
+        elif self.blas_weight is None:
+            self.blas_weight = np.ascontiguousarray(self.weight.detach().cpu().numpy().T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blas_weight is None or x.requires_grad or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        out = torch.from_numpy(np.matmul(x.reshape(-1, x.shape[-1]).numpy(), self.blas_weight))
+        out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
+        return out + self.bias if self.bias is not None else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(h, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(h, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(h, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_dim, h, bias=cfg.o_bias)
+        if cfg.gemma:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plus_one=True)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plus_one=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer. `with_mlp=False` gives Kangaroo's adapter block (attention only)."""
+
+    def __init__(self, cfg: TransformerConfig, with_mlp: bool = True):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plus_one=cfg.gemma)  # noqa: E731
+        self.self_attn = Attention(cfg)
+        self.input_layernorm = norm()
+        if with_mlp:
+            self.mlp = MLP(cfg)
+            self.post_attention_layernorm = norm()
+            if cfg.gemma:
+                self.pre_feedforward_layernorm = norm()
+                self.post_feedforward_layernorm = norm()
+
+
+class KVCache:
+    """Preallocated keys and values, [layers, batch, kv_heads, max_len, head_dim], written by slot.
+
+    Rejected drafts need no rollback: the next write to those slots overwrites them. `positions`
+    holds the RoPE position of each slot (for the sliding-window mask)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str, batch: int = 1):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.zeros(max_len, dtype=torch.long, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def move(self, source_slots: torch.Tensor, destination_start: int) -> None:
+        """Copy the entries at `source_slots` to consecutive slots from `destination_start`
+        (tree verification: the accepted path's entries are put in place)."""
+        n = source_slots.numel()
+        destination = slice(destination_start, destination_start + n)
+        self.k[:, :, :, destination] = self.k[:, :, :, source_slots]
+        self.v[:, :, :, destination] = self.v[:, :, :, source_slots]
+        self.positions[destination] = self.positions[source_slots]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale for RoPE ("default", "linear" and "llama3")."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Transformer(nn.Module):
+    """The decoder. Parameter names follow transformers' (minus the "model." prefix), so a
+    checkpoint's state dict loads directly. `source_model` may hold the transformers model whose
+    tensors these parameters share (used by the `hf-generate` reference method)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plus_one=cfg.gemma)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_rope()
+        self.source_model = None
+        self.matmul = "torch"
+        self.requires_grad_(False)
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE frequency buffers, e.g. after the weights were loaded onto a device."""
+        cfg = self.config
+        inv_freq, self.rope_scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        local_scaling = None if cfg.local_rope_theta else cfg.rope_scaling
+        local_inv_freq, _ = rope_inv_freq(cfg.head_dim, cfg.local_rope_theta or cfg.rope_theta, local_scaling)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.register_buffer("local_inv_freq", local_inv_freq.to(device), persistent=False)
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def set_matmul(self, path: str) -> None:
+        """Route every linear layer through `path` ("torch" or "blas")."""
+        if path not in MATMUL_PATHS:
+            raise ValueError(f"unknown matmul path {path!r}; valid: {', '.join(MATMUL_PATHS)}")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_blas(path == "blas")
+        self.matmul = path
+        # OpenBLAS's threads and torch's OpenMP pool spin against each other on a few cores: with
+        # the BLAS path the products use OpenBLAS's threads and torch's small ops run on one.
+        if path == "blas":
+            torch.set_num_threads(1)
+        elif torch.get_num_threads() == 1 and DEFAULT_TORCH_THREADS > 1:
+            torch.set_num_threads(DEFAULT_TORCH_THREADS)
+
+    def new_cache(self, max_len: int, num_layers: int | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache(num_layers or cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, self.dtype, self.device)
+
+    def weight_bytes(self) -> int:
+        """Bytes of distinct parameter storage (a tied LM head counts once)."""
+        seen, total = set(), 0
+        for p in self.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+    # ---- the forward pieces ------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(tokens)  # [B, T, H]
+        if self.config.gemma:  # matches HF: sqrt(hidden) rounded to float32, then to the weight dtype
+            hidden = hidden * torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32).to(hidden.dtype)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, LM head and (when configured) the logit soft cap. [B, T, H] -> [B, T, V]"""
+        logits = self.lm_head(self.norm(hidden))
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def rope(self, positions: torch.Tensor, local: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin tables [T, head_dim]; matches HF: computed in float32, then cast."""
+        inv_freq = self.local_inv_freq if local else self.inv_freq
+        freqs = positions[:, None].float() * inv_freq[None, :].float()  # [T, head_dim/2]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * self.rope_scale).to(dtype), (angles.sin() * self.rope_scale).to(dtype)
+
+    def forward_layers(self, hidden: torch.Tensor, cache: KVCache, start: int,
+                       positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
+                       layers: range | None = None) -> torch.Tensor:
+        """Run `layers` (default: all) over `hidden` [B, T, H], whose tokens go to cache slots
+        [start, start + T). `positions` [T] are their RoPE positions (default: the slots). Each
+        token sees the prefix slots [0, start) and, among the new ones, the earlier tokens
+        (causal) or those `tree_mask` [T, T] allows. Returns hidden [B, T, H]."""
+        T = hidden.shape[1]
+        if positions is None:
+            positions = torch.arange(start, start + T, device=hidden.device)
+        if start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} slots; {start + T} needed")
+        cache.positions[start:start + T] = positions
+        layers = layers if layers is not None else range(self.config.num_layers)
+        context = _AttentionContext(self, cache, start, T, positions, tree_mask, hidden.dtype)
+        for index in layers:
+            hidden = self.layer_forward(self.layers[index], hidden, context, index)
+        return hidden
+
+    def layer_forward(self, layer: DecoderLayer, hidden: torch.Tensor, context: "_AttentionContext",
+                      cache_layer: int, sliding: bool | None = None) -> torch.Tensor:
+        """One decoder layer (or an MLP-less adapter block) on [B, T, H]."""
+        if sliding is None:
+            sliding = self.config.layer_types[cache_layer] == "sliding"
+        gemma = self.config.gemma
+        attended = self.attention(layer.self_attn, layer.input_layernorm(hidden), context, cache_layer, sliding)
+        if not hasattr(layer, "mlp"):
+            return hidden + attended
+        if gemma:
+            hidden = hidden + layer.post_attention_layernorm(attended)
+            mlp_out = self.mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden))
+            return hidden + layer.post_feedforward_layernorm(mlp_out)
+        hidden = hidden + attended
+        return hidden + self.mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+
+    def mlp(self, mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+        gate = mlp.gate_proj(x)  # [B, T, I]
+        gate = F.gelu(gate, approximate="tanh") if self.config.hidden_act == "gelu_tanh" else F.silu(gate)
+        return mlp.down_proj(gate * mlp.up_proj(x))
+
+    def attention(self, attn: Attention, x: torch.Tensor, context: "_AttentionContext",
+                  cache_layer: int, sliding: bool) -> torch.Tensor:
+        cfg, cache = self.config, context.cache
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, nh, T, hd]
+        k = attn.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
+        v = attn.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.gemma:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = context.rope(sliding)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        end = context.start + T
+        cache.k[cache_layer, :, :, context.start:end] = k
+        cache.v[cache_layer, :, :, context.start:end] = v
+        low, mask = context.mask(sliding)
+        keys, values = cache.k[cache_layer, :, :, low:end], cache.v[cache_layer, :, :, low:end]  # [B, nkv, L, hd]
+        if cfg.attn_logit_softcapping:
+            out = _softcapped_attention(q, keys, values, mask, cfg.attention_scale, cfg.attn_logit_softcapping)
+        else:
+            causal = isinstance(mask, str)  # "causal": a fresh prefill, SDPA's own causal kernel
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask,
+                                                 is_causal=causal, scale=cfg.attention_scale,
+                                                 enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, positions: torch.Tensor | None = None,
+                tree_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for `tokens` [B, T] written at slots [start, start + T): [B, T, V], or
+        [B, 1, V] for the last token only with `last_only` (a prefill needs no more)."""
+        hidden = self.forward_layers(self.embed(tokens), cache, start, positions, tree_mask)
+        return self.logits(hidden[:, -1:] if last_only else hidden)
+
+
+class _AttentionContext:
+    """What every layer of one forward shares: RoPE tables and masks, built once per kind."""
+
+    def __init__(self, model: Transformer, cache: KVCache, start: int, T: int,
+                 positions: torch.Tensor, tree_mask: torch.Tensor | None, dtype: torch.dtype):
+        self.model, self.cache, self.start, self.T = model, cache, start, T
+        self.positions, self.tree_mask, self.dtype = positions, tree_mask, dtype
+        self._rope: dict[bool, tuple] = {}
+        self._masks: dict[bool, tuple] = {}
+
+    def rope(self, sliding: bool):
+        local = sliding and self.model.config.local_rope_theta is not None
+        if local not in self._rope:
+            self._rope[local] = self.model.rope(self.positions, local, self.dtype)
+        return self._rope[local]
+
+    def mask(self, sliding: bool) -> tuple[int, torch.Tensor | str | None]:
+        """(first key slot, mask): None when every key is visible, "causal" for a plain causal
+        prefill, else an additive float mask [T, L] (0 visible, -inf hidden), built once per
+        forward so that no layer converts a boolean mask again."""
+        window = self.model.config.sliding_window if sliding else None
+        if window not in self._masks:
+            self._masks[window] = self._build_mask(window)
+        return self._masks[window]
+
+    def _build_mask(self, window: int | None) -> tuple[int, torch.Tensor | str | None]:
+        start, T, device = self.start, self.T, self.positions.device
+        end = start + T
+        # Prefix slots hold their own position, and every new token's position is >= start, so
+        # slots below start - window + 1 are out of every query's window: skip them.
+        low = max(0, start - window + 1) if window else 0
+        if self.tree_mask is None and T == 1 and not (window and end - low > window):
+            return low, None
+        if self.tree_mask is None and start == 0 and not (window and T > window):
+            return low, "causal"
+        key_slots = torch.arange(low, end, device=device)  # [L]
+        if self.tree_mask is None:
+            visible = key_slots[None, :] <= torch.arange(start, end, device=device)[:, None]  # [T, L]
+        else:
+            prefix = torch.ones(T, start - low, dtype=torch.bool, device=device)
+            visible = torch.cat((prefix, self.tree_mask.to(device=device, dtype=torch.bool)), dim=1)
+        if window:
+            key_positions = self.cache.positions[low:end]
+            visible = visible & ((self.positions[:, None] - key_positions[None, :]) < window)
+        hidden = torch.zeros(visible.shape, dtype=self.dtype, device=device)
+        return low, hidden.masked_fill_(~visible, float("-inf"))
+
+
+def _softcapped_attention(q, keys, values, mask, scale, cap):
+    """Attention with tanh-capped scores (Gemma-2 style), where SDPA cannot do it."""
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ keys.transpose(-1, -2)) * scale / cap) * cap  # [B, nh, T, L]
+    if isinstance(mask, str):
+        T, L = scores.shape[-2:]
+        mask = torch.zeros(T, L, dtype=scores.dtype, device=scores.device).masked_fill_(
+            torch.ones(T, L, dtype=torch.bool, device=scores.device).triu_(L - T + 1), float("-inf"))
+    if mask is not None:
+        scores = scores + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
+
+
+def pick_matmul_path(model: Transformer, requested: str = "auto") -> str:
+    """The matrix-product path for this model on this machine: `requested`, or for "auto" the
+    faster of the two on the LM head (the dominant product) at 1 and 8 rows; GPUs use torch.
+    Sets the path on the model and returns it."""
+    if requested != "auto":
+        path = requested
+    elif model.device.type != "cpu":
+        path = "torch"
+    else:
+        timings = {}
+        with torch.inference_mode():
+            for path in MATMUL_PATHS:
+                model.lm_head.use_blas(path == "blas")
+                total = 0.0
+                for rows in (1, 8):
+                    x = torch.randn(1, rows, model.config.hidden_size, dtype=model.dtype)
+                    best = math.inf
+                    for _ in range(3):
+                        started = time.perf_counter()
+                        model.lm_head(x)
+                        best = min(best, time.perf_counter() - started)
+                    total += best
+                timings[path] = total
+        path = min(timings, key=timings.get)
+    model.set_matmul(path)
+    return path
