@@ -328,3 +328,25 @@ def errors(run: Run) -> list[tuple[str, object, str]]:
         for record in run.answers.get(label, [])
         if record.get("error")
     ]
+
+
+def latency_breakdown(run: Run) -> pd.DataFrame:
+    """Per method: mean prefill time (to the first new token) and mean time per later token,
+    over every turn whose method measured its prefill. Columns: method, turns, prefill_ms,
+    per_token_ms. Methods that do not measure prefill are left out."""
+    rows = []
+    for label in method_labels(run):
+        prefill, per_token = [], []
+        for record in run.answers.get(label, []):
+            for choice in record.get("choices", []):
+                times = zip(choice.get("prefill_time", []), choice["wall_time"], choice["new_tokens"])
+                for first, wall, tokens in times:
+                    if first is None:
+                        continue
+                    prefill.append(first)
+                    if tokens > 1:
+                        per_token.append((wall - first) / (tokens - 1))
+        if prefill:
+            rows.append({"method": label, "turns": len(prefill), "prefill_ms": 1000 * _mean(prefill),
+                         "per_token_ms": 1000 * _mean(per_token) if per_token else math.nan})
+    return pd.DataFrame(rows, columns=["method", "turns", "prefill_ms", "per_token_ms"])

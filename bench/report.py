@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bench.errors import UserError
-from bench.metrics import OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, load_run, summarize
+from bench.metrics import (OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, latency_breakdown, load_run,
+                           summarize)
 
 # Decimals kept in summary.csv for each float column.
 CSV_DECIMALS = {
@@ -149,12 +150,26 @@ def markdown_report(run: Run, table: pd.DataFrame) -> str:
             _scaled(row["peak_memory_bytes"], 1e6, 1),
         ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += _latency_section(run)
     lines += _skipped_section(run, table) + _failures_section(run) + _lossless_section(run, table)
     return "\n".join(lines) + "\n"
 
 
 def _percent(value) -> str:
     return "–" if _missing(value) else f"{100 * value:.1f}%"
+
+
+def _latency_section(run: Run) -> list[str]:
+    latency = latency_breakdown(run)
+    if latency.empty:
+        return []
+    lines = ["", "## Latency", "", "Prefill = time to the first new token (prompt forward included); "
+             "per token = the rest of the turn's time ÷ its remaining tokens. Means over turns.", "",
+             "| Method | Turns | Prefill (ms) | Per token (ms) |", "|---|---|---|---|"]
+    for _, row in latency.iterrows():
+        lines.append(f"| {row['method']} | {row['turns']} | {_number(row['prefill_ms'], 1)} | "
+                     f"{_number(row['per_token_ms'], 1)} |")
+    return lines
 
 
 def _skipped_section(run: Run, table: pd.DataFrame) -> list[str]:

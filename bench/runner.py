@@ -168,7 +168,8 @@ def sync(device: torch.device) -> None:
 def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: int, run_index: int) -> dict:
     """One choice of the answer schema: every turn, generated and timed."""
     answers, choice = [], {"index": run_index, "turns": [], "decoding_steps": [], "new_tokens": [],
-                           "wall_time": [], "accept_lengths": [], "draft_lengths": [], "output_ids": []}
+                           "wall_time": [], "prefill_time": [], "accept_lengths": [], "draft_lengths": [],
+                           "output_ids": []}
     device, stops = model.runtime.device, set(model.stop_ids)
     for turn in range(len(question["turns"])):
         prompt_ids = model.prompt_ids(question["turns"][:turn + 1], answers)
@@ -183,6 +184,7 @@ def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: 
         choice["decoding_steps"].append(len(generation.accept_lengths))
         choice["new_tokens"].append(len(generation.new_ids))
         choice["wall_time"].append(wall)
+        choice["prefill_time"].append(generation.prefill_seconds)
         choice["accept_lengths"] += generation.accept_lengths
         choice["draft_lengths"] += generation.draft_lengths
         choice["output_ids"].append(generation.new_ids)

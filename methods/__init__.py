@@ -45,6 +45,7 @@ class Generation:
     new_ids: list[int]
     accept_lengths: list[int]  # per target forward: tokens committed (prefill = 1)
     draft_lengths: list[int] = field(default_factory=list)  # per target forward: drafts proposed to it
+    prefill_seconds: float | None = None  # time to the first new token, when the method measures it
 
     def __post_init__(self):
         if not self.draft_lengths:

@@ -1,6 +1,8 @@
 """transformers' own greedy `generate` on the same weights: a reference for the runtime's speed."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from methods import Generation, Method, register
@@ -28,7 +30,8 @@ class HFGenerate(Method):
 
     def _generate(self, hf_model, prompt_ids, max_new_tokens, stop_ids) -> Generation:
         prompt = torch.tensor([prompt_ids], device=self.model.device)
-        output = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+        clock = _FirstTokenClock()
+        output = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, streamer=clock,
                                    max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(stop_ids),
                                    pad_token_id=stop_ids[0] if stop_ids else 0, num_beams=1,
                                    temperature=None, top_p=None, top_k=None)
@@ -38,4 +41,21 @@ class HFGenerate(Method):
             if token in stops:
                 new_ids = new_ids[:i + 1]
                 break
-        return Generation(new_ids, [1] * len(new_ids))
+        return Generation(new_ids, [1] * len(new_ids), prefill_seconds=clock.first_token_seconds)
+
+
+class _FirstTokenClock:
+    """A generate() streamer that notes when the first new token arrives (its first call is the prompt)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.calls = 0
+        self.first_token_seconds = None
+
+    def put(self, tokens) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first_token_seconds = time.perf_counter() - self.started
+
+    def end(self) -> None:
+        pass
