@@ -32,7 +32,7 @@ from bench.models import LoadedModel, load_model
 from bench.specs import MethodSpec, parse_method_args, parse_method_specs, resolve
 from methods.runtime import MATMUL_PATHS, pick_matmul_path
 
-DEFAULT_METHODS = "vanilla,hf-generate"
+DEFAULT_METHODS = "vanilla,hf-generate,pld"
 NEAR_TIE_RELATIVE_GAP = 1e-4  # top-2 logit gap below this (relative to |top-1|, at least 1) is a near tie
 PACKAGES = ("torch", "transformers", "numpy", "pandas", "safetensors", "tokenizers", "gguf", "accelerate")
 
