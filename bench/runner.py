@@ -57,6 +57,7 @@ class RunSettings:
     method_args: list[str] = field(default_factory=list)
     template: str | None = None
     report: bool = True
+    questions_sha256: str | None = None  # when set (rerun from a config), the question file must match
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -243,6 +244,10 @@ def run(settings: RunSettings) -> Path:
     options = {s.label: resolve(s, defaults) for s in specs}
     groups = data.resolve_categories(settings.categories)
     questions_file, pinned = data.questions_path(settings.questions)
+    questions_sha256 = data.file_sha256(questions_file)
+    if settings.questions_sha256 and settings.questions_sha256 != questions_sha256:
+        raise UserError(f"the config was run on questions with sha256 {settings.questions_sha256}, but "
+                        f"{questions_file} has {questions_sha256}: pass that question file with --questions PATH")
     questions = data.select_questions(data.load_questions(questions_file), groups, settings.limit)
     if settings.matmul not in ("auto",) + MATMUL_PATHS:
         raise UserError(f"unknown --matmul {settings.matmul!r}; valid: auto, {', '.join(MATMUL_PATHS)}")
@@ -250,13 +255,16 @@ def run(settings: RunSettings) -> Path:
     model = load_model(settings.model, settings.device, settings.dtype, settings.template)
     if settings.matmul == "blas" and model.runtime.device.type != "cpu":
         raise UserError("--matmul blas is a CPU path; use auto or torch on a GPU")
-    matmul = pick_matmul_path(model.runtime, settings.matmul)  # the same path for every method of the run
     out = Path(settings.out or Path("runs") / model.alias)
+    requested = settings.matmul
+    if requested == "auto" and (out / "config.json").exists():  # resuming: keep the path the run started with
+        requested = json.loads((out / "config.json").read_text()).get("matmul", "auto")
+    matmul = pick_matmul_path(model.runtime, requested)  # the same path for every method of the run
     config = {
         "model": model.alias, "model_source": model.source, "family": model.family, "template": model.template,
         "device": model.runtime.device.type, "dtype": str(model.runtime.dtype).removeprefix("torch."),
         "matmul": matmul,
-        "questions": {"path": str(questions_file), "sha256": data.file_sha256(questions_file), "pinned": pinned},
+        "questions": {"path": str(questions_file), "sha256": questions_sha256, "pinned": pinned},
         "categories": groups, "limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
         "runs": settings.runs,
         "methods": {s.label: {"name": s.name, "spec": s.label, "options": options[s.label], "checkpoints": {}}
@@ -307,8 +315,11 @@ def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dic
     if model.runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.runtime.device)
     if todo:
-        first = questions[0]  # warm-up, untimed
-        method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids)
+        first = questions[0]  # warm-up, untimed; a failure here shows again, recorded, on that question
+        try:
+            method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids)
+        except Exception as error:  # noqa: BLE001
+            print(f"[run] {spec.label} warm-up failed: {type(error).__name__}: {error}", file=sys.stderr)
     progress = tqdm(todo, desc=f"{spec.label:>16}", unit="q", file=sys.stderr, dynamic_ncols=True)
     for question in progress:
         qid = question["question_id"]
@@ -350,17 +361,22 @@ def settings_from_config(path: str) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read --config {path}: {error}") from None
     try:
-        method_specs = [entry["spec"] for entry in config["methods"].values()]
-        method_args = []
-        for entry in config["methods"].values():
-            pairs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                     for k, v in entry["options"].items() if v is not None]
-            if pairs:  # a name's non-spec options are the same for all its labels
-                method_args.append(f"{entry['name']}:" + ",".join(pairs))
-        return {"model": config["model"], "methods": ",".join(method_specs), "categories": ",".join(config["categories"]),
-                "limit": config["limit"], "max_new_tokens": config["max_new_tokens"], "runs": config["runs"],
-                "device": config["device"], "dtype": config["dtype"], "matmul": config["matmul"],
-                "method_args": method_args, "template": config.get("template")}
+        specs = parse_method_specs(",".join(entry["spec"] for entry in config["methods"].values()))
+        defaults: dict[str, dict[str, str]] = {}
+        for spec in specs:  # the options a label did not set itself are the same for all labels of its name
+            entry = config["methods"][spec.label]
+            for key, value in entry["options"].items():
+                if key not in spec.options and value is not None:
+                    defaults.setdefault(spec.name, {})[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        method_args = [f"{name}:" + ",".join(f"{k}={v}" for k, v in pairs.items()) for name, pairs in defaults.items()]
+        questions = config["questions"]
+        return {"model": config["model"], "methods": ",".join(s.label for s in specs),
+                "categories": ",".join(config["categories"]), "limit": config["limit"],
+                "max_new_tokens": config["max_new_tokens"], "runs": config["runs"], "device": config["device"],
+                "dtype": config["dtype"], "matmul": config["matmul"], "method_args": method_args,
+                "template": config.get("template"),
+                "questions": questions.get("path") if Path(questions.get("path") or "").is_file() else None,
+                "questions_sha256": questions["sha256"]}
     except (KeyError, TypeError) as error:
         raise UserError(f"--config {path} lacks the field {error}; it must be a run directory's config.json") from None
 

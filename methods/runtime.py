@@ -108,7 +108,8 @@ class Linear(nn.Linear):
             self.blas_weight = np.ascontiguousarray(self.weight.detach().cpu().numpy().T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blas_weight is None or x.requires_grad or x.device.type != "cpu":
+        if (self.blas_weight is None or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return F.linear(x, self.weight, self.bias)
         out = torch.from_numpy(np.matmul(x.reshape(-1, x.shape[-1]).numpy(), self.blas_weight))
         out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
@@ -311,6 +312,16 @@ class Transformer(nn.Module):
         for index in layers:
             hidden = self.layer_forward(self.layers[index], hidden, context, index)
         return hidden
+
+    def forward_block(self, layer: DecoderLayer, hidden: torch.Tensor, cache: KVCache, start: int,
+                      cache_layer: int = 0) -> torch.Tensor:
+        """Run an extra layer of this model's kind (e.g. Kangaroo's adapter) on [B, T, H] at slots
+        [start, start + T) of its own cache, with full (not sliding) attention and the global RoPE."""
+        T = hidden.shape[1]
+        positions = torch.arange(start, start + T, device=hidden.device)
+        cache.positions[start:start + T] = positions
+        context = _AttentionContext(self, cache, start, T, positions, None, hidden.dtype)
+        return self.layer_forward(layer, hidden, context, cache_layer, sliding=False)
 
     def layer_forward(self, layer: DecoderLayer, hidden: torch.Tensor, context: "_AttentionContext",
                       cache_layer: int, sliding: bool | None = None) -> torch.Tensor:
