@@ -20,11 +20,15 @@ QUESTIONS ?= $(or $(SPEC_BENCH_QUESTIONS),$(wildcard ../shared/spec_bench/questi
 CPU_LIMIT := 2
 CPU_MAX_NEW_TOKENS := 128
 
-.PHONY: bench test install constraints clean-venv help
+METHOD ?=
+TRAIN_MINUTES ?= 50
+
+.PHONY: bench test train install constraints clean-venv help
 
 help:
 	@echo "make bench [MODEL=gemma-3-270m] [METHODS=a,b] [LIMIT=N] [MAX_NEW_TOKENS=N] [RUNS=R] [OUT=DIR]"
 	@echo "make test"
+	@echo "make train MODEL=gemma-3-270m METHOD=kangaroo [TRAIN_MINUTES=50]"
 	@echo "make constraints   # re-pin constraints.txt from the current .venv after a deliberate upgrade"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -51,6 +55,10 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+train: $(STAMP)
+	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo"; exit 2; }
+	$(PY) -m bench train --model $(MODEL) --method $(METHOD) --minutes $(TRAIN_MINUTES)
 
 constraints: $(STAMP)
 	@{ echo "# Pinned versions of every dependency (make installs with -c constraints.txt). Regenerate with \`make constraints\` after a deliberate upgrade."; \

@@ -46,6 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--template", help="chat template for a model outside the catalog: question_answer or vicuna_v1.1")
     run.add_argument("--no-report", action="store_true", help="skip writing the summary and figures")
 
+    train = commands.add_parser("train", help="train a drafter (Kangaroo adapter) for a model on ShareGPT",
+                                description="Freeze the model, precompute its features on ShareGPT conversations "
+                                "and distil the drafter; saves a checkpoint folder (safetensors + config.json "
+                                "with provenance). Runs within --minutes; --resume continues from a checkpoint.")
+    train.add_argument("--model", default="gemma-3-270m", help="catalog alias or HF id [gemma-3-270m]")
+    train.add_argument("--method", required=True, choices=["kangaroo"])
+    train.add_argument("--out", help="checkpoint folder [methods/checkpoints/MODEL/METHOD]")
+    train.add_argument("--resume", help="checkpoint folder to continue from")
+    train.add_argument("--minutes", type=float, default=50, help="wall-clock budget of the training loop [50]")
+    train.add_argument("--tokens", type=int, default=150_000, help="assistant tokens of ShareGPT to train on [150000]")
+    train.add_argument("--epochs", type=float, default=8, help="at most this many passes over the tokens [8]")
+    train.add_argument("--exit-layer", type=int, help="Kangaroo: layers shared with the target [2]")
+    train.add_argument("--lr", type=float, help="peak learning rate [5e-4]")
+    train.add_argument("--candidates", type=int, default=32768,
+                       help="distil over the N most frequent tokens [32768]")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--dtype", default="float32", help="float32 (default: the drafter trains in full precision)")
+
+    profile = commands.add_parser("profile", help="time one step of each method and the verify-cost curve",
+                                  description="Times a forward over k = 1..64 new tokens at a few context lengths, "
+                                  "the LM head alone, Kangaroo's draft step and verification, and PLD's lookup; "
+                                  "writes DIR/profile.csv (component,k,context,ms_min,ms_median).")
+    profile.add_argument("--model", default="gemma-3-270m")
+    profile.add_argument("--out", help="directory for profile.csv [runs/MODEL-profile]; a run directory works")
+    profile.add_argument("--device", default="auto")
+    profile.add_argument("--dtype", default="auto")
+    profile.add_argument("--matmul", default="auto", help="auto, torch or blas [auto]")
+
     report = commands.add_parser("report", help="write summary.csv/.md/.tex and figures/ for a run directory")
     report.add_argument("run_dir")
     return parser
@@ -91,6 +120,20 @@ def main(argv: list[str] | None = None) -> int:
             command_list()
         elif args.command == "run":
             command_run(args)
+        elif args.command == "train":
+            from bench.training import train_command
+            train_command(args)
+        elif args.command == "profile":
+            from pathlib import Path
+
+            from bench.models import load_model
+            from bench.profile import write_profile
+            from methods.runtime import pick_matmul_path
+            model = load_model(args.model, args.device, args.dtype)
+            path = pick_matmul_path(model.runtime, args.matmul)
+            print(f"[profile] {model.alias} on {model.runtime.device.type}/{model.runtime.dtype}, matmul {path}",
+                  file=sys.stderr)
+            print(write_profile(model, Path(args.out or f"runs/{model.alias}-profile")))
         elif args.command == "report":
             from bench.report import write_report
             write_report(args.run_dir)

@@ -53,8 +53,8 @@ class ByteTokenizer:
     pad_id, bos_id, eos_id, specials = 0, 1, 2, 4
     vocab_size = 256 + specials
 
-    def encode(self, text: str) -> list[int]:
-        return [self.bos_id] + [b + self.specials for b in text.encode("utf-8")]
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return [self.bos_id] * bos + [b + self.specials for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
         data = bytes(i - self.specials for i in ids if self.specials <= i < self.vocab_size)
@@ -73,8 +73,8 @@ class HFTokenizer:
         ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
         self._stop_ids = sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True).input_ids
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=bos).input_ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -303,8 +303,16 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", template: s
             family = runtime_config(AutoConfig.from_pretrained(spec.source)).family
         hf_model, tokenizer = _load_hub(spec.source, resolve_dtype(dtype, torch_device, family), torch_device)
     runtime = runtime_from_hf(hf_model)
-    return LoadedModel(spec.alias, spec.source, runtime.config.family, template or spec.template, runtime, tokenizer,
+    runtime.alias = spec.alias
+    loaded = LoadedModel(spec.alias, spec.source, runtime.config.family, template or spec.template, runtime, tokenizer,
                        load_seconds=time.perf_counter() - started)
+
+    def ranking():
+        from bench.training import token_ranking
+        return token_ranking(loaded)
+
+    runtime.vocab_ranking = ranking
+    return loaded
 
 
 def state_sha256(path: Path) -> str:

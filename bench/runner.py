@@ -30,15 +30,12 @@ from bench import data
 from bench.errors import UserError
 from bench.models import LoadedModel, load_model
 from bench.specs import MethodSpec, parse_method_args, parse_method_specs, resolve
+from methods import MissingCheckpoint
 from methods.runtime import MATMUL_PATHS, pick_matmul_path
 
-DEFAULT_METHODS = "vanilla,hf-generate,pld"
+DEFAULT_METHODS = "vanilla,hf-generate,pld,kangaroo,kangaroo+draft_vocab=32768"
 NEAR_TIE_RELATIVE_GAP = 1e-4  # top-2 logit gap below this (relative to |top-1|, at least 1) is a near tie
 PACKAGES = ("torch", "transformers", "numpy", "pandas", "safetensors", "tokenizers", "gguf", "accelerate")
-
-
-class MissingCheckpoint(UserError):
-    """A method has no trained weights for this model (skipped in default sweeps)."""
 
 
 @dataclass
@@ -117,14 +114,15 @@ def prepare_out_dir(out: Path, config: dict) -> dict:
                        if k not in ("config_hash", "environment", "methods", "questions") and old.get(k) != config.get(k)]
         if old.get("questions", {}).get("sha256") != config["questions"]["sha256"]:
             differences.append("questions")
-        changed = [label for label, entry in config["methods"].items()
-                   if label in old.get("methods", {}) and old["methods"][label] != entry]
+        changed = [label for label, entry in config["methods"].items() if label in old.get("methods", {})
+                   and old["methods"][label].get("options") != entry["options"]]
         if differences or changed:
             what = ", ".join(differences + [f"methods[{label}]" for label in changed])
             raise UserError(f"{out} holds a run with a different config ({what} differ). Its answers are kept: "
                             f"pass another --out to start a new run, or delete {out} to replace it.")
         merged = dict(old.get("methods", {}))
-        merged.update(config["methods"])
+        for label, entry in config["methods"].items():  # keep what the earlier run recorded (checkpoint hashes)
+            merged[label] = {**merged.get(label, {}), **entry}
         config = {**config, "methods": merged}
     out.mkdir(parents=True, exist_ok=True)
     (out / "answers").mkdir(exist_ok=True)
@@ -267,7 +265,7 @@ def run(settings: RunSettings) -> Path:
         "questions": {"path": str(questions_file), "sha256": questions_sha256, "pinned": pinned},
         "categories": groups, "limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
         "runs": settings.runs,
-        "methods": {s.label: {"name": s.name, "spec": s.label, "options": options[s.label], "checkpoints": {}}
+        "methods": {s.label: {"name": s.name, "spec": s.label, "options": options[s.label]}
                     for s in specs},
         "environment": environment(),
     }
@@ -282,17 +280,24 @@ def run(settings: RunSettings) -> Path:
             method = build_method(spec, options[spec.label], model)
         except MissingCheckpoint as error:
             if explicit:
-                raise
+                raise UserError(f"method {spec.label}: {error}") from None
             print(f"[run] skipping {spec.label}: {error}", file=sys.stderr)
             stats[spec.label] = {"name": spec.name, "status": "skipped", "reason": str(error), "trained_params": 0,
                                  "extra_memory_bytes": 0, "peak_memory_bytes": None}
             write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
             continue
+        previous = config["methods"][spec.label].get("checkpoints") or {}
+        loaded = getattr(method, "checkpoints", {})
+        if previous and loaded and sorted(previous.values()) != sorted(loaded.values()):
+            raise UserError(f"{out} was run with other checkpoint files for {spec.label} than the ones loaded now "
+                            f"({', '.join(loaded)}); pass another --out to start a new run")
         records = run_method(model, method, spec, questions, settings, out, reference)
         if spec.label == "vanilla":
             reference = records
         overhead = method.overhead()
         config["methods"][spec.label]["checkpoints"] = getattr(method, "checkpoints", {})
+        # what the method made of its options (e.g. an exit layer taken from its checkpoint)
+        config["methods"][spec.label]["effective_options"] = dict(method.settings)
         stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None,
                              "trained_params": overhead.trained_params,
                              "extra_memory_bytes": overhead.extra_memory_bytes,

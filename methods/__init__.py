@@ -22,6 +22,10 @@ import torch
 from methods.runtime import Transformer
 
 
+class MissingCheckpoint(ValueError):
+    """A method has no trained weights for this model: default sweeps skip it, an explicit request fails."""
+
+
 @dataclass(frozen=True)
 class Option:
     type: type  # int, float, str or bool
@@ -97,7 +101,7 @@ def resolve_options(method: type[Method], given: dict[str, Any]) -> dict[str, An
 
 
 _REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN_MODULES = ("methods.vanilla", "methods.hf_generate", "methods.pld")
+_BUILTIN_MODULES = ("methods.vanilla", "methods.hf_generate", "methods.pld", "methods.kangaroo")
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

@@ -224,7 +224,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.init_rope()
-        self.source_model = None
+        self.source_model = None  # the transformers model sharing these tensors, if any
+        self.alias: str | None = None  # the catalog alias, to find committed checkpoints
+        self.vocab_ranking = None  # callable -> token ids by decreasing frequency (for draft_vocab)
         self.matmul = "torch"
         self.requires_grad_(False)
 

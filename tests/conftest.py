@@ -54,3 +54,22 @@ def _restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def assert_lossless(model, prompt_ids: list[int], expected: list[int], got: list[int]) -> str:
+    """Equal tokens, or a first difference where vanilla's top-2 logits nearly tie (DESIGN.md §4).
+    Returns "identical" or "near_tie"; fails on a real divergence."""
+    from bench.runner import NEAR_TIE_RELATIVE_GAP
+    if got == expected:
+        return "identical"
+    index = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    assert index < min(len(expected), len(got)), f"lengths differ: {len(expected)} vs {len(got)}"
+    runtime = model.runtime
+    prefix = prompt_ids + expected[:index]
+    with torch.inference_mode():
+        logits = runtime.forward(torch.tensor([prefix]), runtime.new_cache(len(prefix)), 0, last_only=True)[0, -1]
+    top = torch.topk(logits.double(), 2).values
+    gap = float(top[0] - top[1])
+    assert gap < NEAR_TIE_RELATIVE_GAP * max(1.0, abs(float(top[0]))), \
+        f"diverged at new token {index}: expected {expected[index]}, got {got[index]} (top-2 gap {gap:.3g})"
+    return "near_tie"

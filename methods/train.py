@@ -1,0 +1,113 @@
+"""The shared training loop for drafters: frozen target, precomputed features, distillation.
+
+Features are computed once per token and kept in memory: the shallow hidden state after layer l
+(Kangaroo's draft input) and the target's final hidden state after its final norm (the teacher; its
+distribution is recomputed through the LM head at train time over a candidate vocabulary of the most
+frequent tokens, instead of storing 262k probabilities per token).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from methods.runtime import Transformer
+
+
+@dataclass
+class FeatureSet:
+    ids: list[torch.Tensor] = field(default_factory=list)  # [T] per sequence
+    loss_masks: list[torch.Tensor] = field(default_factory=list)  # [T] bool
+    shallow: list[torch.Tensor] = field(default_factory=list)  # [T, H] after layer l (if asked)
+    final: list[torch.Tensor] = field(default_factory=list)  # [T, H] after the final norm
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(int(mask.sum()) for mask in self.loss_masks))
+
+
+@torch.inference_mode()
+def precompute_features(model: Transformer, sequences, exit_layer: int | None, desc: str = "features") -> FeatureSet:
+    """Run the frozen target once over every sequence (objects with .ids and .loss_mask)."""
+    features = FeatureSet()
+    n = model.config.num_layers
+    for sequence in tqdm(sequences, desc=desc, unit="seq", file=sys.stderr, dynamic_ncols=True):
+        ids = sequence.ids.to(model.device)[None]  # [1, T]
+        cache = model.new_cache(ids.shape[1])
+        hidden = model.embed(ids)
+        if exit_layer is not None:
+            hidden = model.forward_layers(hidden, cache, 0, layers=range(0, exit_layer))
+            features.shallow.append(hidden[0].to("cpu", torch.float32).clone())
+            hidden = model.forward_layers(hidden, cache, 0, layers=range(exit_layer, n))
+        else:
+            hidden = model.forward_layers(hidden, cache, 0)
+        features.final.append(model.norm(hidden)[0].to("cpu", torch.float32).clone())
+        features.ids.append(sequence.ids.cpu())
+        features.loss_masks.append(sequence.loss_mask.cpu())
+    return features
+
+
+def candidate_head(model: Transformer, ranking: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM-head rows of the `size` most frequent tokens [size, H], their ids [size])."""
+    ids = ranking[:size].to(model.lm_head.weight.device)
+    return model.lm_head.weight.detach()[ids].float(), ids
+
+
+def soft_distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: torch.Tensor,
+                           softcap: float | None = None) -> torch.Tensor:
+    """-Σ p·log q over the candidate vocabulary, mean over positions: p from the teacher's final
+    hidden state [T, H], q from the student's normed output [T, H], both through `head` [V', H]."""
+    def logits(hidden):
+        out = hidden.to(head.device, head.dtype) @ head.T
+        return torch.tanh(out / softcap) * softcap if softcap else out
+    with torch.no_grad():
+        teacher = torch.softmax(logits(teacher_hidden), dim=-1)
+    return -(teacher * torch.log_softmax(logits(student_hidden), dim=-1)).sum(-1).mean()
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    epochs: float = 0.0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    final_loss: float = math.nan
+    losses: list[float] = field(default_factory=list)
+
+
+def train_loop(parameters, step_loss, batches: int, minutes: float, max_epochs: float, lr: float,
+               clip: float = 0.5, desc: str = "train", tokens_per_batch=None) -> TrainReport:
+    """AdamW (0.9, 0.95) with a cosine schedule over the planned steps, gradient clipping, a
+    progress bar, and a wall-clock budget. `step_loss(i)` returns (loss, tokens) for batch i mod
+    `batches`."""
+    parameters = [p for p in parameters if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    total = max(1, int(batches * max_epochs))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))))
+    report, started, smoothed = TrainReport(), time.perf_counter(), None
+    progress = tqdm(range(total), desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    for step in progress:
+        loss, tokens = step_loss(step % batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(parameters, clip)
+        optimizer.step()
+        schedule.step()
+        value = loss.item()
+        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
+        report.losses.append(value)
+        report.steps, report.tokens_seen = step + 1, report.tokens_seen + tokens
+        progress.set_postfix(loss=f"{smoothed:.3f}")
+        if time.perf_counter() - started > 60 * minutes:
+            print(f"[train] time budget of {minutes} min reached after {step + 1} of {total} steps", file=sys.stderr)
+            break
+    report.seconds = time.perf_counter() - started
+    report.epochs = report.steps / batches
+    report.final_loss = smoothed if smoothed is not None else math.nan
+    return report

@@ -1,0 +1,189 @@
+"""Kangaroo: lossless for every exit layer and draft vocabulary, exact acceptance with oracle
+drafts, and checkpoints (ours and the published format) loaded strictly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from methods import MissingCheckpoint, get
+from methods.kangaroo import KangarooAdapter, load_adapter
+from tests.conftest import PROMPTS, assert_lossless, tiny
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2, 3])
+@pytest.mark.parametrize("draft_vocab", [0, 64])
+def test_lossless_on_tiny_models(tiny_model, exit_layer, draft_vocab):
+    runtime = tiny_model.runtime
+    runtime.vocab_ranking = lambda: torch.arange(runtime.config.vocab_size).flip(0)
+    vanilla = get("vanilla")(runtime)
+    # threshold 0: every step drafts `steps` tokens, so verification of k tokens is exercised
+    kangaroo = get("kangaroo")(runtime, exit_layer=exit_layer, threshold=0.0, steps=4, draft_vocab=draft_vocab)
+    assert kangaroo.exit_layer == exit_layer
+    assert (kangaroo.head_ids is None) == (draft_vocab == 0)
+    for prompt in PROMPTS:
+        ids = tiny_model.tokenizer.encode(prompt)
+        expected = vanilla.generate(ids, 30, tiny_model.stop_ids)
+        got = kangaroo.generate(ids, 30, tiny_model.stop_ids)
+        assert got.new_ids == expected.new_ids
+        assert sum(got.accept_lengths) == len(got.new_ids)
+        assert all(d == min(4, 30 - sum(got.accept_lengths[:i]) - 1) for i, d in enumerate(got.draft_lengths) if i)
+
+
+def oracle(method, reference: list[int], wrong_at: list[int | None], stop_after: list[int]):
+    """Feed vanilla's own tokens as drafts. At step s the draft at depth wrong_at[s] is wrong, and
+    the draft after depth stop_after[s] comes with probability 0 (the early exit). Returns the
+    accept_lengths this must produce."""
+    steps = method.settings["steps"]
+    state = {"step": 0, "depth": 0, "start": None}
+
+    def propose(adapted, produced):
+        if state["start"] is None or produced <= state["start"]:
+            state["start"], state["depth"] = produced, 0  # a new step begins at this position
+        step, depth = state["step"], produced - state["start"]
+        if depth >= stop_after[step % len(stop_after)]:
+            state["step"] += 1
+            state["start"] = None
+            return 0.0, 0
+        token = reference[produced] if produced < len(reference) else 0
+        if wrong_at[step % len(wrong_at)] == depth:
+            token = (token + 1) % 200 + 4
+        if depth + 1 >= steps:
+            state["step"] += 1
+            state["start"] = None
+        return 1.0, token
+
+    method.propose = propose
+    expected, produced, step = [1], 1, 0
+    while produced < len(reference):
+        drafts = min(stop_after[step % len(stop_after)], steps, len(reference) - produced - 1)
+        wrong = wrong_at[step % len(wrong_at)]
+        accepted = drafts if wrong is None or wrong >= drafts else wrong
+        expected.append(accepted + 1)
+        produced += accepted + 1
+        step += 1
+    return expected
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-random", "tiny-gemma3-random"])
+def test_oracle_drafts_give_exact_accept_lengths(name):
+    model = tiny(name)
+    ids = model.tokenizer.encode(PROMPTS[2])
+    reference = get("vanilla")(model.runtime).generate(ids, 40, []).new_ids
+    kangaroo = get("kangaroo")(model.runtime, steps=5)
+    expected = oracle(kangaroo, reference, wrong_at=[None, 0, 3, None, 1], stop_after=[5, 5, 5, 2, 5, 0])
+    got = kangaroo.generate(ids, 40, [])
+    assert got.new_ids == reference
+    assert got.accept_lengths == expected
+    assert max(expected) == 6 and 1 in expected[1:]
+
+
+def test_overhead_counts_the_adapter_and_the_draft_head():
+    model = tiny("tiny-llama-random")
+    h = model.runtime.config.hidden_size
+    kv = model.runtime.config.num_kv_heads * model.runtime.config.head_dim
+    full = get("kangaroo")(model.runtime)
+    assert full.overhead().trained_params == 2 * h * h + 2 * h * kv + 2 * h  # q, o, k, v, two norms
+    model.runtime.vocab_ranking = lambda: torch.arange(model.runtime.config.vocab_size)
+    small = get("kangaroo")(model.runtime, draft_vocab=100)
+    extra = small.overhead().extra_memory_bytes - full.overhead().extra_memory_bytes
+    assert extra == 100 * h * 8  # the copied rows of the LM head, float64
+
+
+def write_published(folder, model, state=None):
+    """An adapter folder in the published format: a 1-layer LlamaConfig and pytorch_model.bin."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.runtime.config
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
+                                                    "hidden_size": cfg.hidden_size, "model_type": "llama"}))
+    if state is None:
+        generator = torch.Generator().manual_seed(3)
+        state = {k: torch.randn(v.shape, generator=generator, dtype=torch.float64)
+                 for k, v in KangarooAdapter(model.runtime).state_dict().items()}
+    torch.save(state, folder / "pytorch_model.bin")
+    return state
+
+
+def test_published_adapter_loads_with_all_six_tensors(tmp_path):
+    model = tiny("tiny-llama-random")
+    state = write_published(tmp_path / "published", model)
+    assert sorted(state) == ["layers.0.input_layernorm.weight", "layers.0.self_attn.k_proj.weight",
+                             "layers.0.self_attn.o_proj.weight", "layers.0.self_attn.q_proj.weight",
+                             "layers.0.self_attn.v_proj.weight", "norm.weight"]
+    adapter, _ = load_adapter(tmp_path / "published", model.runtime)
+    for key, value in adapter.state_dict().items():
+        assert torch.equal(value, state[key].to(value.dtype))
+    method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "published"), threshold=0.0)
+    assert method.checkpoints and all(len(h) == 64 for h in method.checkpoints.values())
+    ids = model.tokenizer.encode(PROMPTS[0])
+    assert method.generate(ids, 20, []).new_ids == get("vanilla")(model.runtime).generate(ids, 20, []).new_ids
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("norm.weight"), "missing tensors norm.weight"),
+    (lambda s: s.__setitem__("layers.0.mlp.up_proj.weight", torch.zeros(2, 2)), "unexpected tensors"),
+    (lambda s: s.__setitem__("layers.0.self_attn.q_proj.weight", torch.zeros(8, 64)), "(8, 64)"),
+])
+def test_malformed_adapters_are_refused(tmp_path, damage, message):
+    model = tiny("tiny-llama-random")
+    state = {k: v.clone() for k, v in KangarooAdapter(model.runtime).state_dict().items()}
+    damage(state)
+    write_published(tmp_path / "bad", model, state)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_adapter(tmp_path / "bad", model.runtime)
+
+
+def test_vicuna_without_an_adapter_says_where_to_get_one(monkeypatch):
+    model = tiny("tiny-llama-random")
+    monkeypatch.delenv("KANGAROO_ADAPTER", raising=False)
+    monkeypatch.setattr(model.runtime, "alias", "vicuna-7b")
+    with pytest.raises(MissingCheckpoint, match="KANGAROO_ADAPTER"):
+        get("kangaroo")(model.runtime)
+
+
+def test_training_saves_a_checkpoint_that_loads(tmp_path):
+    """A few distillation steps on a tiny model: the loss falls, and the saved folder loads and decodes losslessly."""
+    from bench.training import Sequence
+    from methods import checkpoints
+    from methods.kangaroo import train_adapter
+    from methods.train import precompute_features
+    model = tiny("tiny-llama-random")
+    runtime = model.runtime
+    generator = torch.Generator().manual_seed(0)
+    sequences = [Sequence(torch.randint(4, 200, (48,), generator=generator), torch.ones(48, dtype=torch.bool))
+                 for _ in range(6)]
+    features = precompute_features(runtime, sequences, exit_layer=2)
+    adapter = KangarooAdapter(runtime).to(dtype=runtime.dtype)
+    adapter.initialize_from(runtime, 2)
+    report = train_adapter(runtime, adapter, features, features, torch.arange(runtime.config.vocab_size),
+                           candidates=260, minutes=1, max_epochs=20, lr=3e-3, batch_tokens=96)
+    assert report.steps == 60 and report.losses[-1] < report.losses[0]
+    checkpoints.save(tmp_path / "ours", adapter.state_dict(), {"method": "kangaroo", "options": {"exit_layer": 2}})
+    method = get("kangaroo")(runtime, adapter=str(tmp_path / "ours"), threshold=0.0)
+    assert method.exit_layer == 2
+    ids = model.tokenizer.encode(PROMPTS[1])
+    assert method.generate(ids, 20, []).new_ids == get("vanilla")(runtime).generate(ids, 20, []).new_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft_vocab", [0, 32768])
+def test_lossless_on_the_embedded_model(embedded, questions_file, draft_vocab):
+    questions = [json.loads(line) for line in questions_file.open()]
+    multi = next(q for q in questions if len(q["turns"]) == 2)
+    article = next(q for q in questions if q["category"] == "summarization")
+    runtime = embedded.runtime
+    vanilla = get("vanilla")(runtime)
+    kangaroo = get("kangaroo")(runtime, threshold=0.0, steps=4, draft_vocab=draft_vocab)
+    first = embedded.tokenizer.decode(vanilla.generate(embedded.prompt_ids(multi["turns"][:1], []), 16,
+                                                       embedded.stop_ids).new_ids).strip()
+    prompts = [embedded.prompt_ids(["What is the capital of France?"], []),
+               embedded.prompt_ids(multi["turns"], [first]), embedded.prompt_ids(article["turns"], [])]
+    assert len(prompts[-1]) > 512
+    outcomes = []
+    for ids in prompts:
+        expected = vanilla.generate(ids, 24, embedded.stop_ids)
+        got = kangaroo.generate(ids, 24, embedded.stop_ids)
+        outcomes.append(assert_lossless(embedded, ids, expected.new_ids, got.new_ids))
+        assert max(got.draft_lengths) == 4
+    assert outcomes.count("identical") >= 2
