@@ -46,19 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--template", help="chat template for a model outside the catalog: question_answer or vicuna_v1.1")
     run.add_argument("--no-report", action="store_true", help="skip writing the summary and figures")
 
-    train = commands.add_parser("train", help="train a drafter (Kangaroo adapter) for a model on ShareGPT",
+    train = commands.add_parser("train", help="train a drafter (Kangaroo adapter, Medusa heads) for a model on ShareGPT",
                                 description="Freeze the model, precompute its features on ShareGPT conversations "
                                 "and distil the drafter; saves a checkpoint folder (safetensors + config.json "
                                 "with provenance). Runs within --minutes; --resume continues from a checkpoint.")
     train.add_argument("--model", default="gemma-3-270m", help="catalog alias or HF id [gemma-3-270m]")
-    train.add_argument("--method", required=True, choices=["kangaroo"])
+    train.add_argument("--method", required=True, choices=["kangaroo", "medusa"])
     train.add_argument("--out", help="checkpoint folder [methods/checkpoints/MODEL/METHOD]")
     train.add_argument("--resume", help="checkpoint folder to continue from")
     train.add_argument("--minutes", type=float, default=50, help="wall-clock budget of the training loop [50]")
     train.add_argument("--tokens", type=int, default=150_000, help="assistant tokens of ShareGPT to train on [150000]")
     train.add_argument("--epochs", type=float, default=8, help="at most this many passes over the tokens [8]")
     train.add_argument("--exit-layer", type=int, help="Kangaroo: layers shared with the target [2]")
-    train.add_argument("--lr", type=float, help="peak learning rate [5e-4]")
+    train.add_argument("--num-heads", type=int, default=4, help="Medusa: number of heads [4]")
+    train.add_argument("--lr", type=float, help="peak learning rate [kangaroo 5e-4, medusa 1e-3]")
     train.add_argument("--candidates", type=int, default=32768,
                        help="distil over the N most frequent tokens [32768]")
     train.add_argument("--seed", type=int, default=0)

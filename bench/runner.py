@@ -33,7 +33,7 @@ from bench.specs import MethodSpec, parse_method_args, parse_method_specs, resol
 from methods import MissingCheckpoint
 from methods.runtime import MATMUL_PATHS, pick_matmul_path
 
-DEFAULT_METHODS = "vanilla,hf-generate,pld,kangaroo,kangaroo+draft_vocab=32768"
+DEFAULT_METHODS = "vanilla,hf-generate,pld,kangaroo,kangaroo+draft_vocab=32768,medusa"
 NEAR_TIE_RELATIVE_GAP = 1e-4  # top-2 logit gap below this (relative to |top-1|, at least 1) is a near tie
 PACKAGES = ("torch", "transformers", "numpy", "pandas", "safetensors", "tokenizers", "gguf", "accelerate")
 

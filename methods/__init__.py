@@ -101,7 +101,8 @@ def resolve_options(method: type[Method], given: dict[str, Any]) -> dict[str, An
 
 
 _REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN_MODULES = ("methods.vanilla", "methods.hf_generate", "methods.pld", "methods.kangaroo")
+_BUILTIN_MODULES = ("methods.vanilla", "methods.hf_generate", "methods.pld", "methods.kangaroo",
+                    "methods.medusa")
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
