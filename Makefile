@@ -28,7 +28,7 @@ TRAIN_MINUTES ?= 50
 help:
 	@echo "make bench [MODEL=gemma-3-270m] [METHODS=a,b] [LIMIT=N] [MAX_NEW_TOKENS=N] [RUNS=R] [OUT=DIR]"
 	@echo "make test"
-	@echo "make train MODEL=gemma-3-270m METHOD=kangaroo [TRAIN_MINUTES=50]"
+	@echo "make train MODEL=gemma-3-270m METHOD=kangaroo|medusa [TRAIN_MINUTES=50]"
 	@echo "make constraints   # re-pin constraints.txt from the current .venv after a deliberate upgrade"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -57,7 +57,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 train: $(STAMP)
-	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo"; exit 2; }
+	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo or METHOD=medusa"; exit 2; }
 	$(PY) -m bench train --model $(MODEL) --method $(METHOD) --minutes $(TRAIN_MINUTES)
 
 constraints: $(STAMP)

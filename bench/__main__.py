@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="float32", help="float32 (default: the drafter trains in full precision)")
 
+    tune = commands.add_parser("tune", help="pick a drafter checkpoint's default options by measured throughput",
+                               description="Decodes held-out ShareGPT prompts with vanilla and each option variant "
+                               "(Medusa: trees; Kangaroo: threshold x steps) and records the fastest as the "
+                               "checkpoint's recommended defaults, with the table, in its config.json.")
+    tune.add_argument("--model", default="gemma-3-270m")
+    tune.add_argument("--method", required=True, choices=["kangaroo", "medusa"])
+    tune.add_argument("--checkpoint", help="checkpoint folder [methods/checkpoints/MODEL/METHOD]")
+    tune.add_argument("--device", default="auto")
+    tune.add_argument("--dtype", default="auto")
+
     profile = commands.add_parser("profile", help="time one step of each method and the verify-cost curve",
                                   description="Times a forward over k = 1..64 new tokens at a few context lengths, "
                                   "the LM head alone, Kangaroo's draft step and verification, and PLD's lookup; "
@@ -124,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from bench.training import train_command
             train_command(args)
+        elif args.command == "tune":
+            from pathlib import Path
+
+            from bench.models import load_model
+            from bench.training import default_checkpoint_folder, tune
+            model = load_model(args.model, args.device, args.dtype)
+            folder = Path(args.checkpoint) if args.checkpoint else default_checkpoint_folder(model.alias, args.method)
+            config = tune(model, args.method, folder)
+            print(f"recommended for {folder}: {config['recommended']}")
         elif args.command == "profile":
             from pathlib import Path
 

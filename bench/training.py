@@ -151,7 +151,7 @@ def train_kangaroo(model: LoadedModel, out: Path, minutes: float, tokens: int, e
         },
     }
     checkpoints.save(out, adapter.state_dict(), config, vocab_ranking=ranking[:65536])
-    return config
+    return tune(model, "kangaroo", out)
 
 
 def train_medusa(model: LoadedModel, out: Path, minutes: float, tokens: int, num_heads: int, epochs: float,
@@ -198,7 +198,76 @@ def train_medusa(model: LoadedModel, out: Path, minutes: float, tokens: int, num
         },
     }
     checkpoints.save(out, heads.state_dict(), config, vocab_ranking=ranking[:65536])
+    return tune(model, "medusa", out)
+
+
+# Option variants tried by `tune`: the one with the highest throughput on held-out prompts wins.
+TUNING_GRID = {
+    "medusa": [{"tree": name} for name in ("chain_2", "chain_3", "chain_4", "small_7", "medium_15", "mc_sim_7b_63")],
+    "kangaroo": [{"threshold": eta, "steps": steps} for eta in (0.2, 0.4, 0.6) for steps in (2, 4, 6)],
+}
+
+
+def held_out_prompts(model: LoadedModel, count: int, seed: int = 0) -> list[list[int]]:
+    """First-turn prompts of held-out ShareGPT conversations (the same 5% split as training)."""
+    rng, prompts = random.Random(seed), []
+    for conversation in data.iter_sharegpt():
+        held = rng.random() < 0.05
+        turns = conversation.get("conversations") or []
+        if not held or not turns or turns[0].get("from") != "human" or not 20 < len(turns[0]["value"]) < 600:
+            continue
+        prompts.append(model.prompt_ids([turns[0]["value"]], []))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def tune(model: LoadedModel, method: str, folder: Path, prompt_count: int = 6, max_new_tokens: int = 64) -> dict:
+    """Decode held-out ShareGPT prompts (never Spec-Bench's) with vanilla and every option variant
+    of TUNING_GRID; write the fastest variant into the checkpoint's config.json as `recommended`
+    (the method's defaults) with the whole table as evidence. Returns the updated config."""
+    import time as clock
+
+    import methods
+    from methods import checkpoints
+    from methods.runtime import pick_matmul_path
+    pick_matmul_path(model.runtime, "auto")  # tune on the path the benchmark decodes with
+    prompts = held_out_prompts(model, prompt_count)
+    checkpoint_option = {"medusa": "heads", "kangaroo": "adapter"}[method]
+
+    def measure(decoder) -> tuple[float, float]:
+        decoder.generate(prompts[0], 8, model.stop_ids)  # warm-up
+        tokens = seconds = steps = 0
+        for ids in prompts:
+            started = clock.perf_counter()
+            generation = decoder.generate(ids, max_new_tokens, model.stop_ids)
+            seconds += clock.perf_counter() - started
+            tokens += len(generation.new_ids)
+            steps += len(generation.accept_lengths)
+        return tokens / seconds, tokens / steps
+
+    baseline, _ = measure(methods.get("vanilla")(model.runtime))
+    rows = [{"options": "vanilla", "tokens_per_s": round(baseline, 2), "tau": 1.0, "speedup": 1.0}]
+    for variant in TUNING_GRID[method]:
+        decoder = methods.get(method)(model.runtime, **{checkpoint_option: str(folder)}, **variant)
+        speed, tau = measure(decoder)
+        rows.append({"options": variant, "tokens_per_s": round(speed, 2), "tau": round(tau, 3),
+                     "speedup": round(speed / baseline, 3)})
+        print(f"[tune] {method} {variant}: {speed:.2f} tok/s, tau {tau:.2f}, speedup {speed / baseline:.2f}",
+              file=sys.stderr)
+    best = max(rows[1:], key=lambda row: row["tokens_per_s"])
+    config = checkpoints.read_config(folder)
+    config.setdefault("recommended", {}).update(best["options"])
+    config["provenance"]["tuning"] = {
+        "prompts": f"{len(prompts)} held-out ShareGPT first turns, {max_new_tokens} new tokens, greedy",
+        "matmul": model.runtime.matmul, "hardware": _hardware_name(), "results": rows}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
+
+
+def _hardware_name() -> str:
+    from bench.runner import hardware
+    return hardware()["name"]
 
 
 def train_command(args) -> None:

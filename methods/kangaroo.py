@@ -25,9 +25,9 @@ from methods import checkpoints
 from methods.pld import longest_accepted_prefix
 from methods.runtime import DecoderLayer, KVCache, Linear, RMSNorm, Transformer
 
-PUBLISHED_HINT = ("The published Vicuna-7B adapter (Equationliu/Kangaroo, a folder with config.json and "
-                  "pytorch_model.bin) has no hub id: download it and pass --method-args kangaroo:adapter=PATH "
-                  "or set KANGAROO_ADAPTER=PATH; or train one with `make train MODEL=<model> METHOD=kangaroo`.")
+PUBLISHED_HINT = ("Pass an adapter folder with --method-args kangaroo:adapter=PATH or KANGAROO_ADAPTER=PATH (the "
+                  "published Vicuna-7B adapter, Equationliu/Kangaroo: config.json + pytorch_model.bin, has no hub "
+                  "id), or train one with `make train MODEL=<model> METHOD=kangaroo` (on a GPU for Vicuna).")
 DEFAULT_EXIT_LAYER = {"vicuna-13b": 3}  # else 2 (the paper's choice for Vicuna-7B)
 
 
@@ -52,6 +52,12 @@ class KangarooAdapter(nn.Module):
         own.input_layernorm.load_state_dict(source.input_layernorm.state_dict())
         self.norm.load_state_dict(model.norm.state_dict())
         nn.init.zeros_(own.self_attn.o_proj.weight)  # start as the identity: shallow exit -> final norm -> head
+
+
+def random_fallback_allowed(model: Transformer) -> bool:
+    """Untrained (seeded random) drafters are for the random test models only; a real model
+    without a checkpoint is skipped by default sweeps and an error when asked for by name."""
+    return model.alias is None or model.alias.startswith("tiny-")
 
 
 def load_adapter(folder: Path, model: Transformer) -> tuple[KangarooAdapter, dict]:
@@ -86,8 +92,10 @@ class Kangaroo(Method):
     options = {
         "adapter": Option(str, None, "checkpoint folder (ours or the published format); default: the committed one"),
         "exit_layer": Option(int, None, "l, layers the draft shares with the target (default: the checkpoint's, else 2)"),
-        "threshold": Option(float, 0.6, "eta: stop drafting when the draft's top-1 probability is below it"),
-        "steps": Option(int, 6, "gamma: at most this many drafts per step"),
+        "threshold": Option(float, None, "eta: stop drafting when the draft's top-1 probability is below it "
+                                         "(default: the checkpoint's recommended, else 0.6 as the paper)"),
+        "steps": Option(int, None, "gamma: at most this many drafts per step (default: the checkpoint's "
+                                   "recommended, else 6)"),
         "draft_vocab": Option(int, 0, "score drafts over the N most frequent tokens only (0: full vocabulary)"),
     }
 
@@ -96,13 +104,14 @@ class Kangaroo(Method):
         self.checkpoints: dict[str, str] = {}
         folder = self.settings["adapter"] or os.environ.get("KANGAROO_ADAPTER")
         folder = Path(folder) if folder else checkpoints.committed_checkpoint(model.alias, "kangaroo")
-        ranking = None
+        ranking, recommended = None, {}
         if folder is not None:
             self.adapter, config = load_adapter(folder, model)
             self.checkpoints = checkpoints.folder_hashes(folder)
             ranking = checkpoints.read_vocab_ranking(folder)
             trained_exit = config.get("options", {}).get("exit_layer", config.get("exit_layer"))
-        elif model.alias in ("vicuna-7b", "vicuna-13b", "vicuna-33b"):
+            recommended = config.get("recommended", {})
+        elif not random_fallback_allowed(model):
             raise MissingCheckpoint(f"no Kangaroo adapter for {model.alias}. {PUBLISHED_HINT}")
         else:
             warnings.warn(f"kangaroo: no adapter for {model.alias or 'this model'}; using a seeded random "
@@ -115,6 +124,9 @@ class Kangaroo(Method):
                     parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
             self.adapter.to(device=model.device, dtype=model.dtype)
             trained_exit = None
+        for key, paper in (("threshold", 0.6), ("steps", 6)):
+            if self.settings[key] is None:
+                self.settings[key] = recommended.get(key, paper)
         default_exit = DEFAULT_EXIT_LAYER.get(model.alias or "", 2)
         self.exit_layer = self.settings["exit_layer"] or trained_exit or default_exit
         self.settings["exit_layer"] = self.exit_layer

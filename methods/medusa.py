@@ -21,7 +21,7 @@ from torch import nn
 
 from methods import Generation, Method, MissingCheckpoint, Option, Overhead, greedy, register
 from methods import checkpoints
-from methods.kangaroo import draft_head
+from methods.kangaroo import draft_head, random_fallback_allowed
 from methods.runtime import Linear, Transformer
 
 TREES = Path(__file__).resolve().parent / "trees"
@@ -168,6 +168,9 @@ class Medusa(Method):
         folder = Path(settings["heads"]) if settings["heads"] else checkpoints.committed_checkpoint(model.alias, "medusa")
         if folder is None and model.alias in PUBLISHED:
             folder = fetch_published(model.alias)
+        if folder is None and not random_fallback_allowed(model):
+            raise MissingCheckpoint(f"no Medusa heads for {model.alias}: pass --method-args medusa:heads=PATH or "
+                                    f"train some with `make train MODEL={model.alias} METHOD=medusa`")
         recommended, ranking = {}, None
         if folder is not None:
             self.heads, shared, config = load_heads(folder, model)

@@ -187,3 +187,15 @@ def test_lossless_on_the_embedded_model(embedded, questions_file, draft_vocab):
         outcomes.append(assert_lossless(embedded, ids, expected.new_ids, got.new_ids))
         assert max(got.draft_lengths) == 4
     assert outcomes.count("identical") >= 2
+
+
+def test_checkpoint_recommendations_are_the_defaults(tmp_path):
+    from methods import checkpoints
+    model = tiny("tiny-llama-random")
+    adapter = KangarooAdapter(model.runtime).to(dtype=model.runtime.dtype)
+    checkpoints.save(tmp_path / "ck", adapter.state_dict(), {"method": "kangaroo", "options": {"exit_layer": 3},
+                                                            "recommended": {"threshold": 0.3, "steps": 2}})
+    method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"))
+    assert (method.exit_layer, method.settings["threshold"], method.settings["steps"]) == (3, 0.3, 2)
+    method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"), threshold=0.9)
+    assert method.settings["threshold"] == 0.9 and method.settings["steps"] == 2

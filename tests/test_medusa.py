@@ -197,12 +197,21 @@ def test_training_lowers_the_loss_and_saves_loadable_heads(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "chain_4"])
-def test_lossless_on_the_embedded_model(embedded, questions_file, tree):
+def test_lossless_on_the_embedded_model(embedded, questions_file, tree, tmp_path):
+    from methods import checkpoints
     questions = [json.loads(line) for line in questions_file.open()]
     multi = next(q for q in questions if len(q["turns"]) == 2)
     article = next(q for q in questions if q["category"] == "summarization")
     runtime = embedded.runtime
-    vanilla, medusa = get("vanilla")(runtime), get("medusa")(runtime, tree=tree)
+    folder = checkpoints.committed_checkpoint(runtime.alias, "medusa")
+    if folder is None:  # untrained heads still exercise tree verification
+        torch.manual_seed(0)
+        heads = build_heads(runtime.config.hidden_size, runtime.config.vocab_size, 4, True)
+        for block in heads:
+            torch.nn.init.normal_(block[0].linear.weight, std=0.02)
+        folder = tmp_path / "heads"
+        checkpoints.save(folder, heads.state_dict(), {"method": "medusa"})
+    vanilla, medusa = get("vanilla")(runtime), get("medusa")(runtime, heads=str(folder), tree=tree)
     first = embedded.tokenizer.decode(vanilla.generate(embedded.prompt_ids(multi["turns"][:1], []), 16,
                                                        embedded.stop_ids).new_ids).strip()
     prompts = [embedded.prompt_ids(["What is the capital of France?"], []),
@@ -214,3 +223,11 @@ def test_lossless_on_the_embedded_model(embedded, questions_file, tree):
         got = medusa.generate(ids, 24, embedded.stop_ids)
         outcomes.append(assert_lossless(embedded, ids, expected.new_ids, got.new_ids))
     assert outcomes.count("identical") >= 2
+
+
+def test_a_real_model_without_heads_is_a_missing_checkpoint(monkeypatch):
+    from methods import MissingCheckpoint
+    model = tiny("tiny-llama-random")
+    monkeypatch.setattr(model.runtime, "alias", "someone/their-model")
+    with pytest.raises(MissingCheckpoint, match="make train MODEL=someone/their-model METHOD=medusa"):
+        get("medusa")(model.runtime)
