@@ -225,11 +225,12 @@ def calibrate_norm(model: Transformer, adapter: KangarooAdapter, shallow: torch.
     """Scale the adapter's final norm by the factor (of a log grid) that minimizes the distillation
     loss on one sequence: a shallow exit through the final norm is confidently wrong over the
     whole vocabulary, and a student that starts nearer uniform learns faster. Returns the factor."""
-    from methods.train import soft_distillation_loss
+    from methods.train import soft_distillation_loss, teacher_distribution
     student = adapter_outputs(model, adapter, shallow)
     softcap = model.config.final_logit_softcapping
+    teacher = teacher_distribution(final.to(student.device), head, softcap)
     factors = torch.logspace(-2, 0, 21).tolist()
-    losses = [float(soft_distillation_loss(student * f, final, head, softcap)) for f in factors]
+    losses = [float(soft_distillation_loss(student * f, teacher, head, softcap)) for f in factors]
     factor = factors[losses.index(min(losses))]
     weight = adapter.norm.weight
     if adapter.norm.plus_one:  # Gemma: x̂ (1 + w)
@@ -251,7 +252,7 @@ def train_adapter(model: Transformer, adapter: KangarooAdapter, train_set, held_
                   batch_tokens: int = 2048):
     """Soft distillation of the adapter onto the full model's distribution at the same position
     (-Σ p·log q over the `candidates` most frequent tokens), assistant positions only."""
-    from methods.train import candidate_head, soft_distillation_loss, train_loop
+    from methods.train import candidate_head, soft_distillation_loss, teacher_distribution, train_loop
     head, _ = candidate_head(model, ranking, candidates)
     softcap = model.config.final_logit_softcapping
     batches, current, size = [], [], 0
@@ -270,7 +271,7 @@ def train_adapter(model: Transformer, adapter: KangarooAdapter, train_set, held_
         for index in batches[batch]:
             mask = train_set.loss_masks[index].to(model.device)
             student = adapter_outputs(model, adapter, train_set.shallow[index])[mask]
-            teacher = train_set.final[index].to(model.device)[mask]
+            teacher = teacher_distribution(train_set.final[index].to(model.device)[mask], head, softcap)
             losses.append(soft_distillation_loss(student, teacher, head, softcap) * int(mask.sum()))
             tokens += int(mask.sum())
         return torch.stack(losses).sum() / tokens, tokens

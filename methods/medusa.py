@@ -282,7 +282,7 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
     """Self-distillation of the heads (shared, frozen LM head): head k at position t learns the
     full model's distribution at position t + k (its prediction of token t + k + 1), over the
     `candidates` most frequent tokens; head k's loss is weighted decay**k, as Medusa-1."""
-    from methods.train import candidate_head, soft_distillation_loss, train_loop
+    from methods.train import candidate_head, soft_distillation_loss, teacher_distribution, train_loop
     head, _ = candidate_head(model, ranking, candidates)
     softcap = model.config.final_logit_softcapping
     batches, current, size = [], [], 0
@@ -302,6 +302,7 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
         for index in batches[batch]:
             final = train_set.final[index].to(model.device, torch.float32)  # [T, H]
             mask = train_set.loss_masks[index].to(model.device)
+            teacher = teacher_distribution(final, head, softcap)  # [T, V'], shared by every head
             tokens += int(mask.sum())
             for k, block in enumerate(heads):
                 shift = k + 1  # head k (0-based) predicts what the model predicts `shift` positions later
@@ -311,8 +312,8 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
                 if not rows.any():
                     continue
                 student = block[0](final[:-shift][rows].to(model.dtype)).float()
-                teacher = final[shift:][rows]
-                total = total + weights[k] * soft_distillation_loss(student, teacher, head, softcap) * int(rows.sum())
+                total = total + weights[k] * soft_distillation_loss(student, teacher[shift:][rows], head, softcap) \
+                    * int(rows.sum())
         return total / max(tokens, 1), tokens
 
     report = train_loop(heads.parameters(), step_loss, len(batches), minutes, max_epochs, lr, desc="medusa")

@@ -58,16 +58,23 @@ def candidate_head(model: Transformer, ranking: torch.Tensor, size: int) -> tupl
     return model.lm_head.weight.detach()[ids].float(), ids
 
 
-def soft_distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: torch.Tensor,
+def head_logits(hidden: torch.Tensor, head: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """Logits over the candidate vocabulary: hidden [T, H] @ head [V', H]ᵀ, soft-capped if configured."""
+    out = hidden.to(head.device, head.dtype) @ head.T
+    return torch.tanh(out / softcap) * softcap if softcap else out
+
+
+@torch.no_grad()
+def teacher_distribution(final: torch.Tensor, head: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """The full model's distribution over the candidate vocabulary from its normed final hidden state."""
+    return torch.softmax(head_logits(final, head, softcap), dim=-1)
+
+
+def soft_distillation_loss(student_hidden: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor,
                            softcap: float | None = None) -> torch.Tensor:
-    """-Σ p·log q over the candidate vocabulary, mean over positions: p from the teacher's final
-    hidden state [T, H], q from the student's normed output [T, H], both through `head` [V', H]."""
-    def logits(hidden):
-        out = hidden.to(head.device, head.dtype) @ head.T
-        return torch.tanh(out / softcap) * softcap if softcap else out
-    with torch.no_grad():
-        teacher = torch.softmax(logits(teacher_hidden), dim=-1)
-    return -(teacher * torch.log_softmax(logits(student_hidden), dim=-1)).sum(-1).mean()
+    """-Σ p·log q over the candidate vocabulary, mean over positions: p = `teacher` [T, V'] (see
+    teacher_distribution), q from the student's normed output [T, H] through `head` [V', H]."""
+    return -(teacher * torch.log_softmax(head_logits(student_hidden, head, softcap), dim=-1)).sum(-1).mean()
 
 
 @dataclass
