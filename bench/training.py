@@ -112,7 +112,7 @@ def train_kangaroo(model: LoadedModel, out: Path, minutes: float, tokens: int, e
     from methods import checkpoints
     from methods.kangaroo import KangarooAdapter, calibrate_norm, evaluate_adapter, load_adapter, train_adapter
     from methods.train import candidate_head, precompute_features
-    started = clock.perf_counter()
+    started, commit = clock.perf_counter(), checkpoints.git_commit()
     torch.manual_seed(seed)
     runtime = model.runtime
     train_sequences, held_sequences = sharegpt_sequences(model, tokens, seed=seed)
@@ -135,7 +135,7 @@ def train_kangaroo(model: LoadedModel, out: Path, minutes: float, tokens: int, e
     evaluation = evaluate_adapter(runtime, adapter, held_out, ranking, candidates)
     history.append({"tokens": train_set.tokens, "epochs": round(report.epochs, 3), "steps": report.steps,
                     "minutes": round(report.seconds / 60, 2), "final_loss": round(report.final_loss, 4),
-                    "lr": lr, "seed": seed, "git_commit": checkpoints.git_commit()})
+                    "lr": lr, "seed": seed, "git_commit": commit})
     config = {
         "method": "kangaroo", "base_model": model.alias, "family": model.family,
         "shapes": {k: list(v.shape) for k, v in adapter.state_dict().items()},
@@ -161,7 +161,7 @@ def train_medusa(model: LoadedModel, out: Path, minutes: float, tokens: int, num
     from methods import checkpoints
     from methods.medusa import build_heads, evaluate_heads, load_heads, train_heads
     from methods.train import precompute_features
-    started = clock.perf_counter()
+    started, commit = clock.perf_counter(), checkpoints.git_commit()
     torch.manual_seed(seed)
     runtime = model.runtime
     train_sequences, held_sequences = sharegpt_sequences(model, tokens, seed=seed)
@@ -181,7 +181,7 @@ def train_medusa(model: LoadedModel, out: Path, minutes: float, tokens: int, num
     evaluation = evaluate_heads(runtime, heads, held_out, ranking, candidates)
     history.append({"tokens": train_set.tokens, "epochs": round(report.epochs, 3), "steps": report.steps,
                     "minutes": round(report.seconds / 60, 2), "final_loss": round(report.final_loss, 4),
-                    "lr": lr, "seed": seed, "git_commit": checkpoints.git_commit()})
+                    "lr": lr, "seed": seed, "git_commit": commit})
     config = {
         "method": "medusa", "base_model": model.alias, "family": model.family,
         "shapes": {k: list(v.shape) for k, v in heads.state_dict().items()},
