@@ -6,7 +6,6 @@ the `hf-generate` reference method at no extra memory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -314,10 +313,3 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", template: s
     runtime.vocab_ranking = ranking
     return loaded
 
-
-def state_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

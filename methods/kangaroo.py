@@ -252,18 +252,11 @@ def train_adapter(model: Transformer, adapter: KangarooAdapter, train_set, held_
                   batch_tokens: int = 2048):
     """Soft distillation of the adapter onto the full model's distribution at the same position
     (-Σ p·log q over the `candidates` most frequent tokens), assistant positions only."""
-    from methods.train import candidate_head, soft_distillation_loss, teacher_distribution, train_loop
+    from methods.train import (candidate_head, soft_distillation_loss, teacher_distribution, token_batches,
+                               train_loop)
     head, _ = candidate_head(model, ranking, candidates)
     softcap = model.config.final_logit_softcapping
-    batches, current, size = [], [], 0
-    for index, mask in enumerate(train_set.loss_masks):
-        current.append(index)
-        size += int(mask.sum())
-        if size >= batch_tokens:
-            batches.append(current)
-            current, size = [], 0
-    if current:
-        batches.append(current)
+    batches = token_batches(train_set.loss_masks, batch_tokens)
     adapter.train().requires_grad_(True)
 
     def step_loss(batch: int):

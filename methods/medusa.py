@@ -282,18 +282,11 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
     """Self-distillation of the heads (shared, frozen LM head): head k at position t learns the
     full model's distribution at position t + k (its prediction of token t + k + 1), over the
     `candidates` most frequent tokens; head k's loss is weighted decay**k, as Medusa-1."""
-    from methods.train import candidate_head, soft_distillation_loss, teacher_distribution, train_loop
+    from methods.train import (candidate_head, soft_distillation_loss, teacher_distribution, token_batches,
+                               train_loop)
     head, _ = candidate_head(model, ranking, candidates)
     softcap = model.config.final_logit_softcapping
-    batches, current, size = [], [], 0
-    for index, mask in enumerate(train_set.loss_masks):
-        current.append(index)
-        size += int(mask.sum())
-        if size >= batch_tokens:
-            batches.append(current)
-            current, size = [], 0
-    if current:
-        batches.append(current)
+    batches = token_batches(train_set.loss_masks, batch_tokens)
     heads.train().requires_grad_(True)
     weights = [decay ** k for k in range(len(heads))]
 

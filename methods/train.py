@@ -52,6 +52,20 @@ def precompute_features(model: Transformer, sequences, exit_layer: int | None, d
     return features
 
 
+def token_batches(loss_masks: list[torch.Tensor], batch_tokens: int) -> list[list[int]]:
+    """Consecutive sequence indices grouped so that each group holds about `batch_tokens` trained positions."""
+    batches, current, size = [], [], 0
+    for index, mask in enumerate(loss_masks):
+        current.append(index)
+        size += int(mask.sum())
+        if size >= batch_tokens:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
 def candidate_head(model: Transformer, ranking: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(LM-head rows of the `size` most frequent tokens [size, H], their ids [size])."""
     ids = ranking[:size].to(model.lm_head.weight.device)
