@@ -23,7 +23,7 @@ from torch import nn
 from methods import Generation, Method, MissingCheckpoint, Option, Overhead, greedy, register
 from methods import checkpoints
 from methods.pld import longest_accepted_prefix
-from methods.runtime import DecoderLayer, KVCache, Linear, RMSNorm, Transformer
+from methods.runtime import DecoderLayer, KVCache, Linear, RMSNorm, Transformer, set_matmul_path
 
 PUBLISHED_HINT = ("Pass an adapter folder with --method-args kangaroo:adapter=PATH or KANGAROO_ADAPTER=PATH (the "
                   "published Vicuna-7B adapter, Equationliu/Kangaroo: config.json + pytorch_model.bin, has no hub "
@@ -82,7 +82,7 @@ def draft_head(model: Transformer, ranking: torch.Tensor | None, size: int) -> t
     ids = ranking[:size].to(model.device)
     head = Linear(model.config.hidden_size, size, bias=False, device="meta")
     head.weight = nn.Parameter(model.lm_head.weight.detach()[ids].clone(), requires_grad=False)
-    head.use_blas(model.matmul == "blas")
+    head.use_path(model.matmul)
     return head, ids
 
 
@@ -137,9 +137,7 @@ class Kangaroo(Method):
         if ranking is None and self.settings["draft_vocab"] and model.vocab_ranking is not None:
             ranking = model.vocab_ranking()
         self.adapter.requires_grad_(False).eval()
-        for module in self.adapter.modules():
-            if isinstance(module, Linear):
-                module.use_blas(model.matmul == "blas")
+        set_matmul_path(self.adapter, model.matmul)
         self.head, self.head_ids = draft_head(model, ranking, self.settings["draft_vocab"])
         self._adapter_cache: KVCache | None = None
 

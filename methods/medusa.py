@@ -22,7 +22,7 @@ from torch import nn
 from methods import Generation, Method, MissingCheckpoint, Option, Overhead, greedy, register
 from methods import checkpoints
 from methods.kangaroo import draft_head, random_fallback_allowed
-from methods.runtime import Linear, Transformer
+from methods.runtime import Linear, Transformer, set_matmul_path
 
 TREES = Path(__file__).resolve().parent / "trees"
 PUBLISHED = {"vicuna-7b": "FasterDecoding/medusa-vicuna-7b-v1.3", "vicuna-13b": "FasterDecoding/medusa-vicuna-13b-v1.3",
@@ -202,9 +202,7 @@ class Medusa(Method):
         paths = [p for p in read_tree(settings["tree"]) if len(p) <= len(self.heads)]
         self.tree = Tree.build(paths, model.device)
         self.heads.requires_grad_(False).eval()
-        for module in self.heads.modules():
-            if isinstance(module, Linear):
-                module.use_blas(model.matmul == "blas")
+        set_matmul_path(self.heads, model.matmul)
         if settings["draft_vocab"] and ranking is None and model.vocab_ranking is not None:
             ranking = model.vocab_ranking()
         if shared:

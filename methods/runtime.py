@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import kernels
+
 FAMILIES = ("llama", "qwen2", "gemma3")
-MATMUL_PATHS = ("torch", "blas")
+MATMUL_PATHS = ("torch", "blas", "kernel")
 DEFAULT_TORCH_THREADS = torch.get_num_threads()
 
 
@@ -91,32 +93,96 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with an optional BLAS path for CPU inference.
+    """nn.Linear with host matrix-product paths for CPU inference (DESIGN.md §3).
 
-    On some CPUs torch's product is 2-3x slower than OpenBLAS for the skinny shapes of decoding
-    (1-16 rows, DESIGN.md §3). `use_blas()` keeps a contiguous transposed copy of the weight as a
-    numpy array and computes x @ Wᵀ through numpy; torch.from_numpy shares the result at no cost.
+    - "blas": a contiguous transposed copy of the weight as a numpy array, multiplied through
+      numpy/OpenBLAS (2-3x faster than torch's product for the skinny shapes of decoding on some
+      CPUs); torch.from_numpy shares the result at no cost.
+    - "kernel": up to 16 rows through methods/kernels.py's skinny product on the torch weight
+      itself (no copy; a k-row product is bit-identical to k 1-row ones), more rows through
+      OpenBLAS on the same array.
     The torch weight stays (the transformers model shares it). Tensors that need gradients, or
     live on a GPU, always take the torch path."""
 
-    blas_weight: np.ndarray | None = None
+    host_path: str | None = None
+    host_weight: np.ndarray | None = None
 
-    def use_blas(self, enabled: bool) -> None:
-        if not enabled:
-            self.blas_weight = None
-        elif self.blas_weight is None:
-            self.blas_weight = np.ascontiguousarray(self.weight.detach().cpu().numpy().T)
+    def use_path(self, path: str) -> None:
+        """Route this layer's products through `path` ("torch", "blas" or "kernel")."""
+        if path == "blas" and self.host_path != "blas":
+            self.host_weight = np.ascontiguousarray(self.weight.detach().cpu().numpy().T)
+        elif path == "kernel" and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+            self.host_weight = self.weight.detach().contiguous().numpy()
+        elif path != "blas":
+            path, self.host_weight = "torch", None
+        self.host_path = None if path == "torch" else path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.blas_weight is None or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if self.host_weight is None or _needs_torch(x, [self.weight]):
             return F.linear(x, self.weight, self.bias)
-        out = torch.from_numpy(np.matmul(x.reshape(-1, x.shape[-1]).numpy(), self.blas_weight))
+        out = torch.from_numpy(host_matmul(x.reshape(-1, x.shape[-1]).numpy(), self.host_path, self.host_weight))
         out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
         return out + self.bias if self.bias is not None else out
 
 
-class Attention(nn.Module):
+def host_matmul(x: np.ndarray, path: str, weight: np.ndarray) -> np.ndarray:
+    """x [M, K] times a host weight: transposed [K, N] for "blas", row-major [N, K] for "kernel"."""
+    if path == "blas":
+        return np.matmul(x, weight)
+    if x.shape[0] <= kernels.MAX_ROWS and kernels.supports(x, weight) and kernels.load() is not None:
+        return kernels.skinny_matmul(x, weight)
+    return np.matmul(x, weight.T)
+
+
+def _needs_torch(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Gradients or a GPU: the product must go through torch."""
+    return x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+
+
+class FusedProjections(nn.Module):
+    """Base of modules whose input goes through several linear layers at once (q/k/v; gate/up).
+
+    On the BLAS path the transposed weights sit side by side in one array, so one product serves
+    all of them (fewer, wider products for the 1-16 rows of decoding). The layers' own copies are
+    then dropped."""
+
+    fused_names: tuple[str, ...] = ()
+    fused_weight: np.ndarray | None = None
+    fused_bias: torch.Tensor | None = None
+
+    def use_path(self, path: str) -> None:
+        """On the BLAS path the layers' products are fused; the kernel path keeps them apart (the
+        kernel reads each torch weight in place, and a fused copy would cost memory)."""
+        linears = [getattr(self, name) for name in self.fused_names]
+        self.fused_weight = self.fused_bias = None
+        if path != "blas":
+            for linear in linears:
+                linear.use_path(path)
+            return
+        for linear in linears:
+            linear.use_path("torch")
+        self.fused_weight = np.ascontiguousarray(
+            np.concatenate([linear.weight.detach().cpu().numpy().T for linear in linears], axis=1))
+        biases = [linear.bias for linear in linears]
+        if any(b is not None for b in biases):
+            self.fused_bias = torch.cat([b.detach() if b is not None else torch.zeros(l.out_features, dtype=l.weight.dtype)
+                                         for b, l in zip(biases, linears)])
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each fused layer applied to x [..., in]."""
+        linears = [getattr(self, name) for name in self.fused_names]
+        if self.fused_weight is None or _needs_torch(x, [linear.weight for linear in linears]):
+            return tuple(linear(x) for linear in linears)
+        out = torch.from_numpy(np.matmul(x.reshape(-1, x.shape[-1]).numpy(), self.fused_weight))
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        if self.fused_bias is not None:
+            out = out + self.fused_bias
+        return out.split([linear.out_features for linear in linears], dim=-1)
+
+
+class Attention(FusedProjections):
+    fused_names = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -129,7 +195,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plus_one=True)
 
 
-class MLP(nn.Module):
+class MLP(FusedProjections):
+    fused_names = ("gate_proj", "up_proj")
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -204,6 +272,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
     raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
 
 
+def set_matmul_path(root: nn.Module, path: str) -> None:
+    """Route every linear layer under `root` through `path` ("torch", "blas" or "kernel"); on the
+    BLAS path the q/k/v and gate/up products are fused."""
+    for module in root.modules():
+        if isinstance(module, Linear):
+            module.use_path(path)
+    for module in root.modules():
+        if isinstance(module, FusedProjections):
+            module.use_path(path)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -249,16 +328,21 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def set_matmul(self, path: str) -> None:
-        """Route every linear layer through `path` ("torch" or "blas")."""
+        """Route every linear layer through `path` ("torch", "blas" or "kernel")."""
         if path not in MATMUL_PATHS:
             raise ValueError(f"unknown matmul path {path!r}; valid: {', '.join(MATMUL_PATHS)}")
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.use_blas(path == "blas")
+        if path != "torch" and self.device.type != "cpu":
+            raise ValueError(f"the {path} matmul path is for CPUs; use torch on {self.device.type}")
+        if path == "kernel":
+            if self.dtype != torch.float32:
+                raise ValueError(f"the kernel matmul path computes in float32, not {self.dtype}")
+            if kernels.load() is None:
+                raise ValueError(f"the kernel matmul path is unavailable here: {kernels.unavailable_reason()}")
+        set_matmul_path(self, path)
         self.matmul = path
-        # OpenBLAS's threads and torch's OpenMP pool spin against each other on a few cores: with
-        # the BLAS path the products use OpenBLAS's threads and torch's small ops run on one.
-        if path == "blas":
+        # Another library's threads and torch's OpenMP pool spin against each other on a few
+        # cores: with the host paths the products use their own threads and torch's small ops one.
+        if path in ("blas", "kernel"):
             torch.set_num_threads(1)
         elif torch.get_num_threads() == 1 and DEFAULT_TORCH_THREADS > 1:
             torch.set_num_threads(DEFAULT_TORCH_THREADS)
@@ -342,17 +426,18 @@ class Transformer(nn.Module):
         return hidden + self.mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
     def mlp(self, mlp: MLP, x: torch.Tensor) -> torch.Tensor:
-        gate = mlp.gate_proj(x)  # [B, T, I]
+        gate, up = mlp.project(x)  # [B, T, I] each
         gate = F.gelu(gate, approximate="tanh") if self.config.hidden_act == "gelu_tanh" else F.silu(gate)
-        return mlp.down_proj(gate * mlp.up_proj(x))
+        return mlp.down_proj(gate * up)
 
     def attention(self, attn: Attention, x: torch.Tensor, context: "_AttentionContext",
                   cache_layer: int, sliding: bool) -> torch.Tensor:
         cfg, cache = self.config, context.cache
         B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, nh, T, hd]
-        k = attn.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
-        v = attn.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k, v = attn.project(x)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, nh, T, hd]
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.gemma:
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = context.rope(sliding)
@@ -443,9 +528,11 @@ def _softcapped_attention(q, keys, values, mask, scale, cap):
 
 
 def pick_matmul_path(model: Transformer, requested: str = "auto") -> str:
-    """The matrix-product path for this model on this machine: `requested`, or for "auto" the
-    faster of the two on the LM head (the dominant product) at 1 and 8 rows; GPUs use torch.
-    Sets the path on the model and returns it."""
+    """The matrix-product path for this model on this machine: `requested`, or for "auto": torch
+    on a GPU, else the faster of torch and BLAS on the LM head (the dominant product) at 1 and 8
+    rows. The skinny kernel is opt-in (`kernel`): it flattens the cost of 2-16 rows but is slower
+    than BLAS for 1 row on the 2-core EPYC, and its OpenMP threads contend with OpenBLAS's after a
+    prefill (README, "Matrix-product paths"). Sets the path on the model and returns it."""
     if requested != "auto":
         path = requested
     elif model.device.type != "cpu":
@@ -453,8 +540,8 @@ def pick_matmul_path(model: Transformer, requested: str = "auto") -> str:
     else:
         timings = {}
         with torch.inference_mode():
-            for path in MATMUL_PATHS:
-                model.lm_head.use_blas(path == "blas")
+            for path in ("torch", "blas"):
+                model.lm_head.use_path(path)
                 total = 0.0
                 for rows in (1, 8):
                     x = torch.randn(1, rows, model.config.hidden_size, dtype=model.dtype)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from methods import get
+from methods import get, kernels
 from tests.conftest import PROMPTS, tiny
 
 
@@ -140,7 +140,7 @@ def test_embedded_model_matches_transformers_beyond_the_sliding_window(embedded,
     short_ids = embedded.prompt_ids(["What is the capital of France?"], [])
     for ids in (short_ids, long_ids):
         theirs = get("hf-generate")(runtime).generate(ids, 16, embedded.stop_ids).new_ids
-        for matmul in ("torch", "blas"):
+        for matmul in ("torch", "blas") + (("kernel",) if kernels.load() is not None else ()):
             runtime.set_matmul(matmul)
             assert get("vanilla")(runtime).generate(ids, 16, embedded.stop_ids).new_ids == theirs, matmul
     runtime.set_matmul("torch")
