@@ -14,6 +14,16 @@ MAX_NEW_TOKENS ?=
 RUNS ?= 1
 DEVICE ?= auto
 DTYPE ?= auto
+MATMUL ?= auto
+# LAUNCHER=ray spreads the sweep over a Ray cluster (RAY_ADDRESS=auto joins the one started with `ray start`;
+# without it, a cluster of this machine alone). The full GPU settings apply when the cluster has GPUs.
+LAUNCHER ?=
+RAY_ADDRESS ?=
+CELLS_PER_GROUP ?=
+GPU_CHECK_LOCAL = import sys, torch; sys.exit(0 if torch.cuda.is_available() and '$(DEVICE)' != 'cpu' else 1)
+GPU_CHECK_RAY = import sys, ray; ray.init(address='$(RAY_ADDRESS)', logging_level='ERROR'); \
+  sys.exit(0 if ray.cluster_resources().get('GPU', 0) and '$(DEVICE)' != 'cpu' else 1)
+GPU_CHECK = $(if $(and $(filter ray,$(LAUNCHER)),$(RAY_ADDRESS)),$(GPU_CHECK_RAY),$(GPU_CHECK_LOCAL))
 # The pinned question file; without it the runner downloads it once (or says how to provide it).
 QUESTIONS ?= $(or $(SPEC_BENCH_QUESTIONS),$(wildcard ../shared/spec_bench/question.jsonl))
 # Quick CPU profile: a few questions per group and short answers (about 15 minutes on 2 cores).
@@ -23,24 +33,35 @@ CPU_MAX_NEW_TOKENS := 128
 METHOD ?=
 TRAIN_MINUTES ?= 50
 
-.PHONY: bench test train install constraints clean-venv help
+# make regress: a small fixed sweep on the embedded model, compared with the committed results/regress.
+REGRESS_BASELINE := results/regress
+REGRESS_OUT ?= runs/regress
+REGRESS_METHODS := vanilla,pld,kangaroo,kangaroo+draft_vocab=32768,medusa
+# One short question per group: an identical rerun on the quiet 2-core EPYC moved per-category
+# speedups by up to 34% (overall rows up to 26%), so here speedup only catches gross slowdowns;
+# τ, losslessness and the schema are checked tightly (README, "Comparing runs").
+REGRESS_TOLERANCE ?= tau=0.01,speedup=0.5
+
+.PHONY: bench test regress regress-baseline train install constraints clean-venv help
 
 help:
 	@echo "make bench [MODEL=gemma-3-270m] [METHODS=a,b] [LIMIT=N] [MAX_NEW_TOKENS=N] [RUNS=R] [OUT=DIR]"
+	@echo "           [LAUNCHER=ray [RAY_ADDRESS=auto|HEAD:6379] [CELLS_PER_GROUP=N]]"
 	@echo "make test"
+	@echo "make regress       # a 5-minute sweep compared with results/regress (exit 1 on a regression)"
 	@echo "make train MODEL=gemma-3-270m METHOD=kangaroo|medusa [TRAIN_MINUTES=50]"
 	@echo "make constraints   # re-pin constraints.txt from the current .venv after a deliberate upgrade"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,ray]"
 	@touch $@
 
 install: $(STAMP)
 
 bench: $(STAMP)
-	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and '$(DEVICE)' != 'cpu' else 1)"; then \
+	@if $(PY) -c "$(GPU_CHECK)"; then \
 	  limit="$(LIMIT)"; tokens="$(or $(MAX_NEW_TOKENS),1024)"; profile=full; \
 	  echo "GPU found: full Spec-Bench settings ($${limit:-all} questions per group, $$tokens new tokens, the family's GPU dtype)"; \
 	else \
@@ -50,11 +71,25 @@ bench: $(STAMP)
 	fi; \
 	out="$(or $(OUT),runs/$(MODEL)-$$profile$${limit:+-limit$$limit}-$${tokens}tok)"; \
 	$(PY) -m bench run --model $(MODEL) --max-new-tokens $$tokens $${limit:+--limit $$limit} \
-	  --runs $(RUNS) --device $(DEVICE) --dtype $(DTYPE) --out "$$out" \
-	  $(if $(METHODS),--methods $(METHODS)) $(if $(QUESTIONS),--questions $(QUESTIONS))
+	  --runs $(RUNS) --device $(DEVICE) --dtype $(DTYPE) --matmul $(MATMUL) --out "$$out" \
+	  $(if $(METHODS),--methods $(METHODS)) $(if $(QUESTIONS),--questions $(QUESTIONS)) \
+	  $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(filter ray,$(LAUNCHER)),$(if $(RAY_ADDRESS),--ray-address \
+	  $(RAY_ADDRESS)) $(if $(CELLS_PER_GROUP),--cells-per-group $(CELLS_PER_GROUP)))
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+regress: $(STAMP)
+	@test -f $(REGRESS_BASELINE)/config.json || { echo "no $(REGRESS_BASELINE)/config.json: create it with make regress-baseline"; exit 2; }
+	rm -rf $(REGRESS_OUT)
+	$(PY) -m bench run --config $(REGRESS_BASELINE)/config.json --out $(REGRESS_OUT) $(if $(QUESTIONS),--questions $(QUESTIONS))
+	$(PY) -m bench compare $(REGRESS_BASELINE) $(REGRESS_OUT) --tolerance $(REGRESS_TOLERANCE)
+
+# Rewrites the committed baseline: run it on a quiet machine and commit results/regress.
+regress-baseline: $(STAMP)
+	rm -rf $(REGRESS_BASELINE)
+	$(PY) -m bench run --model gemma-3-270m --methods $(REGRESS_METHODS) --limit 1 --max-new-tokens 64 \
+	  --device cpu --dtype float32 --matmul blas --out $(REGRESS_BASELINE) $(if $(QUESTIONS),--questions $(QUESTIONS))
 
 train: $(STAMP)
 	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo or METHOD=medusa"; exit 2; }

@@ -11,6 +11,8 @@ EPILOG = """examples:
   python -m bench run --model gemma-3-270m --limit 2 --max-new-tokens 64
   python -m bench run --model vicuna-7b --methods vanilla,kangaroo,kangaroo+draft_vocab=32768 --out runs/v7b
   python -m bench report runs/v7b
+  python -m bench compare results/regress runs/regress    # exit 1 when something regressed
+  python -m bench profile --model gemma-3-270m --out runs/profile
 """
 
 
@@ -40,11 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
     run.add_argument("--dtype", help="auto, float32, float16, bfloat16 or float64 [auto: float32 on CPU; "
                      "float16 on CUDA, bfloat16 for Gemma3]")
-    run.add_argument("--matmul", help="matrix-product path on CPU: torch, blas (numpy/OpenBLAS on transposed weights) or auto (the faster on the LM head, measured at load) [auto]")
+    run.add_argument("--matmul", help="matrix-product path on CPU: torch; blas (numpy/OpenBLAS on transposed weights); kernel (the "
+                     "harness's skinny AVX2 product for up to 16 rows, compiled once with the system C compiler; "
+                     "k-row products bit-identical to 1-row ones; opt-in); auto (the faster of torch and blas on "
+                     "the LM head, measured at load) [auto]")
     run.add_argument("--method-args", nargs="+", metavar="NAME:key=value,...",
                      help="default options for every spec of NAME")
     run.add_argument("--template", help="chat template for a model outside the catalog: question_answer or vicuna_v1.1")
     run.add_argument("--no-report", action="store_true", help="skip writing the summary and figures")
+    run.add_argument("--device-map", choices=["auto", "none"],
+                     help="auto: transformers places a hub/local checkpoint on the device (accelerate's device "
+                     "map); the runtime runs a model on one device, so this needs one visible GPU and refuses a "
+                     "model that does not fit on it; on CPU it is the plain CPU load [none]")
+    launcher = run.add_argument_group(
+        "launcher", "Where the sweep runs. ray: the questions are split into cells (one group, or a shard of a "
+        "group's questions); each cell holds one GPU (on CPU, --cpus-per-cell cores) and runs vanilla and every "
+        "method, all --runs, on that device. Results land in --out as a local run writes them; a rerun skips "
+        "finished cells and retries failed or missing ones.")
+    launcher.add_argument("--launcher", choices=["local", "ray"], default="local",
+                          help="local: one process, sequential; ray: cells on a Ray cluster (pip install "
+                          "'.[ray]') [local]")
+    launcher.add_argument("--ray-address", help="ray: the cluster to join, e.g. auto (the one started on this "
+                          "machine with `ray start --head`) or HEAD:6379 [RAY_ADDRESS, else a new cluster on "
+                          "this machine]")
+    launcher.add_argument("--cells-per-group", type=int,
+                          help="ray: split each group's questions into N cells to use more GPUs [1]")
+    launcher.add_argument("--cpus-per-cell", type=float, help="ray, on CPU: cores each cell holds [1]")
+    launcher.add_argument("--cell-retries", type=int, help="ray: retries of a cell whose worker died or that "
+                          "raised, before it is recorded as failed [2]")
 
     train = commands.add_parser("train", help="train a drafter (Kangaroo adapter, Medusa heads) for a model on ShareGPT",
                                 description="Freeze the model, precompute its features on ShareGPT conversations "
@@ -84,7 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", help="directory for profile.csv [runs/MODEL-profile]; a run directory works")
     profile.add_argument("--device", default="auto")
     profile.add_argument("--dtype", default="auto")
-    profile.add_argument("--matmul", default="auto", help="auto, torch or blas [auto]")
+    profile.add_argument("--matmul", default="auto", help="auto, torch, blas or kernel [auto]")
+
+    compare = commands.add_parser(
+        "compare", help="compare two runs: exit 1 when a method got slower or less accurate",
+        description="Compares BASELINE and NEW (run directories or summary.csv files) per (method, category): "
+        "mean accepted tokens (must not fall beyond the tau tolerance), the lossless fraction (must not fall), "
+        "diverged questions (must not appear) and speedup (must not fall beyond the speedup tolerance; "
+        "enforced with --strict or when both runs name the same hardware, else a warning). Runs with different "
+        "configs are listed and not compared. Exit 0: no regression; 1: a regression; 2: unusable input.")
+    compare.add_argument("baseline", help="run directory or summary.csv of the reference")
+    compare.add_argument("new", help="run directory or summary.csv to check")
+    compare.add_argument("--tolerance", help="relative tolerances, e.g. tau=0.01,speedup=0.10 [the defaults]")
+    compare.add_argument("--strict", action="store_true", help="enforce speedup even across different hardware")
+    compare.add_argument("--ignore-config", action="store_true",
+                         help="compare even when the configs differ (the differences are printed)")
 
     report = commands.add_parser("report", help="write summary.csv/.md/.tex and figures/ for a run directory")
     report.add_argument("run_dir")
@@ -117,7 +156,18 @@ def command_run(args: argparse.Namespace) -> None:
         if given is not None:
             values[name] = given
     values["report"] = not args.no_report
-    out = run(RunSettings(**values))
+    if args.device_map is not None:
+        values["device_map"] = args.device_map
+    ray_flags = {"--ray-address": args.ray_address, "--cells-per-group": args.cells_per_group,
+                 "--cpus-per-cell": args.cpus_per_cell, "--cell-retries": args.cell_retries}
+    if args.launcher == "ray":
+        from bench.launch import RayOptions, run_on_ray
+        out = run_on_ray(RunSettings(**values), RayOptions.from_flags(*ray_flags.values()))
+    else:
+        given = [flag for flag, value in ray_flags.items() if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --launcher ray")
+        out = run(RunSettings(**values))
     print(f"done: {out}")
     summary = out / "summary.md"
     if summary.exists():
@@ -154,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[profile] {model.alias} on {model.runtime.device.type}/{model.runtime.dtype}, matmul {path}",
                   file=sys.stderr)
             print(write_profile(model, Path(args.out or f"runs/{model.alias}-profile")))
+        elif args.command == "compare":
+            from bench.compare import compare_command
+            return compare_command(args.baseline, args.new, args.tolerance, args.strict, args.ignore_config)
         elif args.command == "report":
             from bench.report import write_report
             write_report(args.run_dir)

@@ -274,11 +274,47 @@ def _load_hub(source: str, dtype: torch.dtype, device: torch.device, device_map:
                         f"with --method-args or HF_HOME pointing at it.") from error
     if device_map is None:
         hf_model = hf_model.to(device)
+    else:
+        check_single_device(hf_model, source)
     return hf_model.eval(), HFTokenizer(tokenizer, [])
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto", template: str | None = None) -> LoadedModel:
-    """Load a catalog alias, a hub id or a local folder onto the device, as the runtime."""
+DEVICE_MAPS = ("auto", "none")
+
+
+def resolve_device_map(device_map: str | None, device: torch.device) -> str | None:
+    """The device_map to hand to transformers: "auto" on CUDA, else None (one device, as without it).
+
+    The runtime keeps its layers and its KV cache on one device, so `auto` is accepted where it
+    yields one device: on the CPU, and on a CUDA worker that sees one GPU (where transformers
+    places the model on it, and a model too large for it is refused after loading)."""
+    if device_map in (None, "none"):
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise UserError(f"unknown --device-map {device_map!r}; valid: {', '.join(DEVICE_MAPS)}")
+    if device.type != "cuda":
+        return None
+    visible = torch.cuda.device_count()
+    if visible > 1:
+        raise UserError(f"--device-map auto would split the model over the {visible} visible GPUs, but the runtime "
+                        f"runs a model on one device (its layers and KV cache together). Make one GPU visible "
+                        f"(CUDA_VISIBLE_DEVICES=0), or use --launcher ray, whose cells hold one GPU each.")
+    return "auto"
+
+
+def check_single_device(hf_model, source: str) -> None:
+    """Refuse a model that transformers' device map placed on more than one device."""
+    placement = getattr(hf_model, "hf_device_map", None) or {}
+    devices = sorted({str(d) for d in placement.values()})
+    if len(devices) > 1:
+        raise UserError(f"{source} does not fit on one GPU: --device-map auto placed it on {', '.join(devices)}. "
+                        f"The runtime runs a model on one device; use a GPU with more memory or a smaller dtype.")
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", template: str | None = None,
+               device_map: str | None = None) -> LoadedModel:
+    """Load a catalog alias, a hub id or a local folder onto the device, as the runtime.
+    `device_map="auto"` lets transformers place a hub or local checkpoint (see resolve_device_map)."""
     started = time.perf_counter()
     spec = CATALOG.get(name)
     if spec is None:
@@ -291,6 +327,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", template: s
                             f"--template ({', '.join(TEMPLATES)})")
         spec = ModelSpec(name, name, "auto", template, "user-supplied model")
     torch_device = resolve_device(device)
+    placement = resolve_device_map(device_map, torch_device)
     family = spec.family
     if spec.source.startswith("random:"):
         hf_model, tokenizer = _load_random(spec, resolve_dtype(dtype, torch_device, family), torch_device)
@@ -300,7 +337,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", template: s
         if family == "auto":
             from transformers import AutoConfig
             family = runtime_config(AutoConfig.from_pretrained(spec.source)).family
-        hf_model, tokenizer = _load_hub(spec.source, resolve_dtype(dtype, torch_device, family), torch_device)
+        hf_model, tokenizer = _load_hub(spec.source, resolve_dtype(dtype, torch_device, family), torch_device,
+                                        placement)
     runtime = runtime_from_hf(hf_model)
     runtime.alias = spec.alias
     loaded = LoadedModel(spec.alias, spec.source, runtime.config.family, template or spec.template, runtime, tokenizer,

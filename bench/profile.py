@@ -1,14 +1,23 @@
-"""`python -m bench profile`: what one step of each method costs on this device.
+"""`python -m bench profile`: what one step of each method costs on this device, against its floor.
 
 Times a target forward over k new tokens at a few context lengths (the verify-cost curve that
 bounds every speculative method), the LM head alone, Kangaroo's draft step (full and truncated
-vocabulary) and its deep-layer verification, and PLD's lookup. Each figure is the min and median
-of several runs after a warm-up, with a device sync before every clock read. Writes
-DIR/profile.csv with the columns component,k,context,ms_min,ms_median.
+vocabulary) and its deep-layer verification, Medusa's heads and tree verification, and PLD's
+lookup. It also measures the device's read-only streaming bandwidth and peak matrix-product FLOP/s,
+and from them the floor of a forward over k tokens: max(bytes read ÷ bandwidth, FLOPs ÷ peak),
+where the bytes are the weights a forward reads plus the KV cache, and the FLOPs those of every
+product (attention included). Each timing is the min and median of several runs after a warm-up,
+with a device sync before every clock read.
+
+Writes DIR/profile.csv (component,k,context,ms_min,ms_median; the floor rows are component
+`floor`, the measurements `stream_read_1gib` and `peak_matmul`), DIR/profile.json (bandwidth,
+peak, bytes and FLOPs of the model) and DIR/figures/profile.png (cost vs k against the floor).
 """
 from __future__ import annotations
 
 import csv
+import json
+import os
 import statistics
 import sys
 import time
@@ -21,6 +30,7 @@ from bench.models import LoadedModel
 from bench.runner import sync
 
 K_VALUES = (1, 2, 4, 8, 16, 32, 64)
+MEDUSA_TREES = ("chain_2", "chain_4", "small_7", "medium_15", "mc_sim_7b_63")
 CONTEXTS = (128, 1024)
 COLUMNS = ["component", "k", "context", "ms_min", "ms_median"]
 
@@ -38,22 +48,104 @@ def timed(function, device: torch.device, repeats: int = 5) -> tuple[float, floa
     return min(times), statistics.median(times)
 
 
+def _all_threads():
+    """Context: torch on every core while measuring the device (the BLAS path runs torch on one)."""
+    class Threads:
+        def __enter__(self):
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(os.cpu_count() or 1)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.threads)
+    return Threads()
+
+
 @torch.inference_mode()
-def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repeats: int = 5) -> list[dict]:
+def stream_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, float]:
+    """Read-only streaming bandwidth in bytes/s and the best time in ms to read `nbytes` of float32:
+    the best of `repeats` torch sums and, on CPU, BLAS matrix-vector products over the same data."""
+    with _all_threads():
+        data = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        low, _ = timed(lambda: data.sum(), device, repeats)
+        if device.type == "cpu":  # BLAS's matrix-vector product streams faster than torch's sum on some CPUs
+            matrix = data.view(-1, 1024).numpy()
+            vector = np.ones(1024, dtype=np.float32)
+            low = min(low, timed(lambda: matrix @ vector, device, repeats)[0])
+        del data
+    return nbytes / (low / 1000), low
+
+
+@torch.inference_mode()
+def peak_matmul(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
+    """Peak FLOP/s of a large square product in `dtype` (on CPU also through numpy's BLAS, the faster
+    counts) and its best time in ms."""
+    size = 2048 if device.type == "cpu" else 8192
+    flops = 2 * size ** 3
+    with _all_threads():
+        a = torch.randn(size, size, device=device).to(dtype)
+        best = timed(lambda: a @ a, device, repeats)[0]
+        if device.type == "cpu" and dtype == torch.float32:
+            array = a.numpy()
+            best = min(best, timed(lambda: array @ array, device, repeats)[0])
+    return flops / (best / 1000), best
+
+
+def forward_cost(runtime, k: int, context: int) -> tuple[int, int]:
+    """(bytes read, FLOPs) of a forward over k new tokens after `context` cached ones: every weight
+    that takes part (layers, final norm, LM head; the embedding rows read are negligible) and the KV
+    cache; FLOPs of every product, attention over the visible keys included."""
+    cfg = runtime.config
+    element = torch.finfo(runtime.dtype).bits // 8
+    layer_params = sum(p.numel() for p in runtime.layers.parameters())
+    head_params = runtime.lm_head.weight.numel()
+    linear_params = sum(m.weight.numel() for m in runtime.layers.modules() if isinstance(m, torch.nn.Linear))
+    weight_bytes = (layer_params + head_params + runtime.norm.weight.numel()) * element
+    kv_bytes, attention_flops = 0, 0
+    for kind in cfg.layer_types:
+        visible = context + k
+        if kind == "sliding" and cfg.sliding_window:
+            visible = min(visible, cfg.sliding_window)
+        kv_bytes += 2 * cfg.num_kv_heads * cfg.head_dim * min(context, visible) * element
+        attention_flops += 2 * 2 * k * visible * cfg.num_heads * cfg.head_dim  # scores and weighted sum
+    flops = 2 * k * (linear_params + head_params) + attention_flops
+    return weight_bytes + kv_bytes, flops
+
+
+def floor_ms(runtime, k: int, context: int, bandwidth: float, peak: float) -> float:
+    nbytes, flops = forward_cost(runtime, k, context)
+    return 1000 * max(nbytes / bandwidth, flops / peak)
+
+
+@torch.inference_mode()
+def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repeats: int = 5,
+                 stream_bytes: int = 1 << 30) -> tuple[list[dict], dict]:
+    """The timed rows of profile.csv and the device summary of profile.json."""
     import methods
     from methods.pld import lookup_draft
     runtime, device = model.runtime, model.runtime.device
     vocab = runtime.config.vocab_size
     rows = []
 
-    def add(component, k, context, function):
-        low, median = timed(function, device, repeats)
+    def record(component, k, context, low, median):
         rows.append({"component": component, "k": k, "context": context, "ms_min": round(low, 3),
                      "ms_median": round(median, 3)})
         print(f"[profile] {component:24} k={k:<3} context={context:<5} min {low:8.2f} ms  median {median:8.2f} ms",
               file=sys.stderr)
 
-    cache = runtime.new_cache(max(contexts) + max(k_values) + 8)
+    def add(component, k, context, function):
+        record(component, k, context, *timed(function, device, repeats))
+
+    bandwidth, read_ms = stream_bandwidth(device, stream_bytes)
+    record("stream_read_1gib", 0, 0, read_ms * (1 << 30) / stream_bytes, read_ms * (1 << 30) / stream_bytes)
+    peak, matmul_ms = peak_matmul(device, runtime.dtype)
+    record("peak_matmul", 0, 0, matmul_ms, matmul_ms)
+    print(f"[profile] bandwidth {bandwidth / 1e9:.1f} GB/s, peak {peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    for context in contexts:
+        for k in k_values:
+            floor = floor_ms(runtime, k, context, bandwidth, peak)
+            record("floor", k, context, floor, floor)
+
+    cache = runtime.new_cache(max(contexts) + max(max(k_values), 64) + 16)  # room for the largest tree
     generator = torch.Generator().manual_seed(0)
     for context in contexts:
         prefix = torch.randint(0, vocab, (1, context), generator=generator).to(device)
@@ -88,18 +180,89 @@ def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repea
     except methods.MissingCheckpoint as error:
         print(f"[profile] kangaroo skipped: {error}", file=sys.stderr)
 
+    try:
+        normed = runtime.norm(hidden[k_values[0]][0, 0])
+        for tree in MEDUSA_TREES:
+            medusa = methods.get("medusa")(runtime, tree=tree)
+            n = medusa.tree.depth.numel()
+            if tree == MEDUSA_TREES[0]:
+                add("medusa_draft", 1, context, lambda: medusa.propose(normed, 0))
+            nodes = torch.zeros(1, n, dtype=torch.long, device=device)
+
+            def verify_tree(medusa=medusa, nodes=nodes):
+                out = runtime.forward_layers(runtime.embed(nodes), cache, context,
+                                             positions=context + medusa.tree.depth, tree_mask=medusa.tree.mask)
+                return runtime.lm_head(runtime.norm(out)).argmax(-1)
+            add(f"medusa_verify_{tree}", n, context, verify_tree)
+    except methods.MissingCheckpoint as error:
+        print(f"[profile] medusa skipped: {error}", file=sys.stderr)
+
     for context_length in contexts:
         sequence = np.random.default_rng(0).integers(0, 1000, context_length)
         add("pld_lookup", 1, context_length, lambda: lookup_draft(sequence, 3, 10))
-    return rows
+    summary = {"device": device.type, "dtype": str(runtime.dtype).removeprefix("torch."),
+               "matmul": getattr(runtime, "matmul", None), "bandwidth_bytes_per_s": bandwidth,
+               "peak_flops_per_s": peak, "k_values": list(k_values), "contexts": list(contexts),
+               "forward_bytes": {str(k): forward_cost(runtime, k, contexts[0])[0] for k in k_values},
+               "forward_flops": {str(k): forward_cost(runtime, k, contexts[0])[1] for k in k_values}}
+    return rows, summary
 
 
 def write_profile(model: LoadedModel, out: Path, **options) -> Path:
-    rows = profile_rows(model, **options)
+    rows, summary = profile_rows(model, **options)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "profile.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    summary["model"] = model.alias
+    (out / "profile.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_profile(path, out / "figures" / "profile.png", title=f"{model.alias} on {summary['device']}/"
+                 f"{summary['dtype']} ({summary['matmul'] or 'torch'} products)")
     return path
+
+
+def read_profile(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return [{**row, "k": int(row["k"]), "context": int(row["context"]), "ms_min": float(row["ms_min"]),
+                 "ms_median": float(row["ms_median"])} for row in csv.DictReader(handle)]
+
+
+def floor_ratios(rows: list[dict]) -> dict[tuple[int, int], float]:
+    """(k, context) -> forward's best time ÷ its floor."""
+    floors = {(r["k"], r["context"]): r["ms_min"] for r in rows if r["component"] == "floor"}
+    return {(r["k"], r["context"]): r["ms_min"] / floors[(r["k"], r["context"])]
+            for r in rows if r["component"] == "forward" and (r["k"], r["context"]) in floors}
+
+
+def plot_profile(csv_path: Path, png_path: Path, title: str = "") -> Path:
+    """Cost of a forward over k tokens (per context length) and of the LM head, against the floor."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_profile(csv_path)
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    contexts = sorted({r["context"] for r in rows if r["component"] == "forward"})
+    for index, context in enumerate(contexts):
+        color = f"C{index}"
+        for component, style, label in (("forward", "o-", "forward"), ("floor", "--", "floor")):
+            points = sorted((r["k"], r["ms_min"]) for r in rows
+                            if r["component"] == component and r["context"] == context)
+            if points:
+                axes.plot(*zip(*points), style, color=color, label=f"{label}, context {context}")
+    head = sorted((r["k"], r["ms_min"]) for r in rows if r["component"] == "lm_head")
+    if head:
+        axes.plot(*zip(*head), "s:", color="gray", label="LM head alone")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("new tokens in one forward (k)")
+    axes.set_ylabel("ms (best of runs)")
+    axes.set_ylim(bottom=0)
+    axes.set_title(title or "verify cost vs k")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return png_path

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from bench.errors import UserError
 from bench.metrics import (OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, latency_breakdown, load_run,
-                           summarize)
+                           step_costs, summarize)
 
 # Decimals kept in summary.csv for each float column.
 CSV_DECIMALS = {
@@ -49,6 +49,9 @@ def write_report(run_dir) -> pd.DataFrame:
     plot_speedup(run, table, figures / "speedup.png")
     plot_mean_accepted_tokens(run, table, figures / "mean_accepted_tokens.png")
     plot_overhead(run, table, figures / "overhead.png")
+    if (directory / "profile.csv").exists():
+        from bench.profile import read_profile
+        plot_speedup_vs_tau(run, table, read_profile(directory / "profile.csv"), figures / "speedup_vs_tau.png")
     return table
 
 
@@ -321,5 +324,37 @@ def plot_overhead(run: Run, table: pd.DataFrame, path: Path) -> None:
         axes.set_xticks(np.arange(len(methods)), methods, rotation=30, ha="right", fontsize=8)
         axes.set_title(title)
     figure.suptitle(f"Method overhead: {run.config.get('model', '')}")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot_speedup_vs_tau(run: Run, table: pd.DataFrame, profile: list[dict], path: Path) -> None:
+    """Measured speedup against τ per method and category, with two lines per drafting method drawn
+    from the run's profile: Leviathan's bound τ / (γc + 1), where verification costs one step, and
+    the same with the measured cost of the verify forward, which is where the bound is lost."""
+    figure, axes = _new_figure()
+    for number, label in enumerate(_shown_methods(run, table)):
+        if label == "vanilla":
+            continue
+        color = f"C{number % 10}"
+        rows = table[(table["method"] == label) & (table["category"] != OVERALL)]
+        axes.scatter(rows["mean_accepted_tokens"], rows["speedup"], color=color, s=18, label=label)
+        overall = table[(table["method"] == label) & (table["category"] == OVERALL)]
+        if not overall.empty:
+            axes.scatter(overall["mean_accepted_tokens"], overall["speedup"], color=color, marker="*", s=120)
+        entry = run.config.get("methods", {}).get(label, {})
+        costs = step_costs(profile, entry.get("name", label), entry.get("effective_options") or entry.get("options", {}))
+        if costs is None:
+            continue
+        taus = np.linspace(1.0, costs.gamma + 1.0, 50)
+        axes.plot(taus, [costs.leviathan(t) for t in taus], "--", color=color, linewidth=1,
+                  label=f"{label}: Leviathan, c={costs.cost_ratio:.2f}, γ={costs.gamma}")
+        axes.plot(taus, [costs.measured(t) for t in taus], ":", color=color, linewidth=1.5,
+                  label=f"{label}: with measured verify cost")
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xlabel("mean accepted tokens τ")
+    axes.set_ylabel("speedup over vanilla")
+    axes.set_title(f"Speedup vs τ (dots: categories, stars: overall): {run.config.get('model', '')}")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path)

@@ -55,6 +55,7 @@ class RunSettings:
     template: str | None = None
     report: bool = True
     questions_sha256: str | None = None  # when set (rerun from a config), the question file must match
+    device_map: str | None = None  # "auto": transformers places the model (bench.models.resolve_device_map)
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -227,8 +228,21 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (Linux: KiB)
 
 
-def run(settings: RunSettings) -> Path:
-    """Run (or resume) a sweep and write its report. Returns the run directory."""
+@dataclass
+class Plan:
+    """What a run does, checked before any model loads: method specs, options and questions."""
+    specs: list[MethodSpec]  # vanilla first
+    explicit: bool  # --methods given: a method without a checkpoint is an error, not a skipped row
+    options: dict[str, dict]  # label -> fully resolved options
+    groups: list[str]
+    questions_file: Path
+    pinned: bool
+    questions_sha256: str
+    questions: list[dict]
+
+
+def plan_run(settings: RunSettings) -> Plan:
+    """Check the settings and resolve methods and questions (no model is loaded)."""
     if settings.limit is not None and settings.limit <= 0:
         raise UserError("--limit must be a positive integer (questions per group)")
     if settings.max_new_tokens <= 0 or settings.runs <= 0:
@@ -249,37 +263,85 @@ def run(settings: RunSettings) -> Path:
     questions = data.select_questions(data.load_questions(questions_file), groups, settings.limit)
     if settings.matmul not in ("auto",) + MATMUL_PATHS:
         raise UserError(f"unknown --matmul {settings.matmul!r}; valid: auto, {', '.join(MATMUL_PATHS)}")
+    return Plan(specs, explicit, options, groups, Path(questions_file), pinned, questions_sha256, questions)
 
-    model = load_model(settings.model, settings.device, settings.dtype, settings.template)
-    if settings.matmul == "blas" and model.runtime.device.type != "cpu":
-        raise UserError("--matmul blas is a CPU path; use auto or torch on a GPU")
-    out = Path(settings.out or Path("runs") / model.alias)
-    requested = settings.matmul
-    if requested == "auto" and (out / "config.json").exists():  # resuming: keep the path the run started with
-        requested = json.loads((out / "config.json").read_text()).get("matmul", "auto")
-    matmul = pick_matmul_path(model.runtime, requested)  # the same path for every method of the run
-    config = {
-        "model": model.alias, "model_source": model.source, "family": model.family, "template": model.template,
-        "device": model.runtime.device.type, "dtype": str(model.runtime.dtype).removeprefix("torch."),
+
+def load_run_model(settings: RunSettings) -> LoadedModel:
+    model = load_model(settings.model, settings.device, settings.dtype, settings.template, settings.device_map)
+    if settings.matmul in ("blas", "kernel") and model.runtime.device.type != "cpu":
+        raise UserError(f"--matmul {settings.matmul} is a CPU path; use auto or torch on a GPU")
+    return model
+
+
+def resumed_matmul(out: Path, requested: str) -> str:
+    """The matmul path to ask for: when resuming with `auto`, the path the run started with."""
+    if requested == "auto" and (out / "config.json").exists():
+        return json.loads((out / "config.json").read_text()).get("matmul", "auto")
+    return requested
+
+
+def model_facts(model: LoadedModel) -> dict:
+    """The config fields that come from the loaded model."""
+    return {"model": model.alias, "model_source": model.source, "family": model.family, "template": model.template,
+            "device": model.runtime.device.type, "dtype": str(model.runtime.dtype).removeprefix("torch.")}
+
+
+def build_config(facts: dict, matmul: str, plan: Plan, settings: RunSettings, launcher: dict | None = None) -> dict:
+    """config.json before prepare_out_dir: `facts` from model_facts, `launcher` goes into the
+    environment section (it does not enter the config hash)."""
+    environment_section = environment()
+    environment_section.update(launcher or {"launcher": "local"})
+    if settings.device_map not in (None, "none"):
+        environment_section["device_map"] = settings.device_map
+    return {
+        **facts,
         "matmul": matmul,
-        "questions": {"path": str(questions_file), "sha256": questions_sha256, "pinned": pinned},
-        "categories": groups, "limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
+        "questions": {"path": str(plan.questions_file), "sha256": plan.questions_sha256, "pinned": plan.pinned},
+        "categories": plan.groups, "limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
         "runs": settings.runs,
-        "methods": {s.label: {"name": s.name, "spec": s.label, "options": options[s.label]}
-                    for s in specs},
-        "environment": environment(),
+        "methods": {s.label: {"name": s.name, "spec": s.label, "options": plan.options[s.label]}
+                    for s in plan.specs},
+        "environment": environment_section,
     }
-    config = prepare_out_dir(out, config)
-    print(f"[run] {len(questions)} questions ({', '.join(groups)}), {settings.max_new_tokens} new tokens, "
+
+
+def run(settings: RunSettings) -> Path:
+    """Run (or resume) a sweep and write its report. Returns the run directory."""
+    plan = plan_run(settings)
+    model = load_run_model(settings)
+    out = Path(settings.out or Path("runs") / model.alias)
+    try:  # the same path for every method
+        matmul = pick_matmul_path(model.runtime, resumed_matmul(out, settings.matmul))
+    except ValueError as error:
+        raise UserError(f"--matmul: {error}") from None
+    config = prepare_out_dir(out, build_config(model_facts(model), matmul, plan, settings))
+    print(f"[run] {len(plan.questions)} questions ({', '.join(plan.groups)}), {settings.max_new_tokens} new tokens, "
           f"{settings.runs} run(s), on {config['device']}/{config['dtype']}; writing {out}", file=sys.stderr)
     stats_path = out / "method_stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    run_methods(model, plan, plan.questions, settings, out, config, stats)
+    config["config_hash"] = config_hash(config)
+    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
+    if settings.report:
+        from bench.report import write_report
+        write_report(out)
+    return out
+
+
+def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings: RunSettings, out: Path,
+                config: dict, stats: dict) -> dict:
+    """Every method of the plan, vanilla first, over `questions`: answers into out/answers/, the
+    methods' statuses and overheads into `stats` (saved as out/method_stats.json after each method),
+    checkpoints and effective options into config["methods"]. Returns `stats`. A launcher runs this
+    on a subset of the questions (a cell) with its own `out`."""
+    stats_path = out / "method_stats.json"
+    (out / "answers").mkdir(parents=True, exist_ok=True)
     reference: dict[int, dict] = {}
-    for spec in specs:
+    for spec in plan.specs:
         try:
-            method = build_method(spec, options[spec.label], model)
+            method = build_method(spec, plan.options[spec.label], model)
         except MissingCheckpoint as error:
-            if explicit:
+            if plan.explicit:
                 raise UserError(f"method {spec.label}: {error}") from None
             print(f"[run] skipping {spec.label}: {error}", file=sys.stderr)
             stats[spec.label] = {"name": spec.name, "status": "skipped", "reason": str(error), "trained_params": 0,
@@ -304,12 +366,7 @@ def run(settings: RunSettings) -> Path:
                              "peak_memory_bytes": peak_memory_bytes(model.runtime.device)}
         write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
         del method
-    config["config_hash"] = config_hash(config)
-    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
-    if settings.report:
-        from bench.report import write_report
-        write_report(out)
-    return out
+    return stats
 
 
 def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dict], settings: RunSettings,
