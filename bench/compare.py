@@ -139,6 +139,8 @@ def config_differences(baseline: dict | None, new: dict | None) -> list[str]:
     for label in sorted(set(old_methods) & set(new_methods)):
         for key in ("options", "effective_options", "checkpoints"):
             old_value, new_value = old_methods[label].get(key), new_methods[label].get(key)
+            if key == "checkpoints" and isinstance(old_value, dict) and isinstance(new_value, dict):
+                old_value, new_value = sorted(old_value.values()), sorted(new_value.values())  # hashes, not paths
             if old_value is not None and new_value is not None and old_value != new_value:
                 differences.append(f"methods[{label}].{key}: {old_value} vs {new_value}")
     return differences
