@@ -21,16 +21,14 @@ from bench.launch import FAIL_ENV, cell_directory, plan_cells
 from bench.models import check_single_device, resolve_device_map
 
 ROOT = Path(__file__).resolve().parents[2]
-QUESTIONS = ROOT / "shared/spec_bench/question.jsonl"
 CHECK_RUN = ROOT / "shared/tools/check_run.py"
 MODEL = "tiny-llama-random"
 
 
 @pytest.fixture
-def questions():
-    if not QUESTIONS.is_file():
-        pytest.skip(f"Spec-Bench question file not found at {QUESTIONS} (the shared workspace copy)")
-    return str(QUESTIONS)
+def questions(questions_file):
+    """The shared question file (conftest's fixture skips when it is missing), as a path string."""
+    return str(questions_file)
 
 
 @pytest.fixture(autouse=True)
