@@ -20,6 +20,7 @@ MATMUL ?= auto
 LAUNCHER ?=
 RAY_ADDRESS ?=
 CELLS_PER_GROUP ?=
+GPUS_PER_CELL ?=
 GPU_CHECK_LOCAL = import sys, torch; sys.exit(0 if torch.cuda.is_available() and '$(DEVICE)' != 'cpu' else 1)
 GPU_CHECK_RAY = import sys, ray; ray.init(address='$(RAY_ADDRESS)', logging_level='ERROR'); \
   sys.exit(0 if ray.cluster_resources().get('GPU', 0) and '$(DEVICE)' != 'cpu' else 1)
@@ -42,13 +43,14 @@ REGRESS_METHODS := vanilla,pld,kangaroo,kangaroo+draft_vocab=32768,medusa
 # τ, losslessness and the schema are checked tightly (README, "Comparing runs").
 REGRESS_TOLERANCE ?= tau=0.01,speedup=0.5
 
-.PHONY: bench test regress regress-baseline train install constraints clean-venv help
+.PHONY: bench test regress regress-baseline reference train install constraints clean-venv help
 
 help:
 	@echo "make bench [MODEL=gemma-3-270m] [METHODS=a,b] [LIMIT=N] [MAX_NEW_TOKENS=N] [RUNS=R] [OUT=DIR]"
-	@echo "           [LAUNCHER=ray [RAY_ADDRESS=auto|HEAD:6379] [CELLS_PER_GROUP=N]]"
+	@echo "           [LAUNCHER=ray [RAY_ADDRESS=auto|HEAD:6379] [CELLS_PER_GROUP=N] [GPUS_PER_CELL=N]]"
 	@echo "make test"
 	@echo "make regress       # a 5-minute sweep compared with results/regress (exit 1 on a regression)"
+	@echo "make reference     # rerun the committed results/reference (about 85 minutes on 2 cores)"
 	@echo "make train MODEL=gemma-3-270m METHOD=kangaroo|medusa [TRAIN_MINUTES=50]"
 	@echo "make constraints   # re-pin constraints.txt from the current .venv after a deliberate upgrade"
 
@@ -74,7 +76,8 @@ bench: $(STAMP)
 	  --runs $(RUNS) --device $(DEVICE) --dtype $(DTYPE) --matmul $(MATMUL) --out "$$out" \
 	  $(if $(METHODS),--methods $(METHODS)) $(if $(QUESTIONS),--questions $(QUESTIONS)) \
 	  $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(filter ray,$(LAUNCHER)),$(if $(RAY_ADDRESS),--ray-address \
-	  $(RAY_ADDRESS)) $(if $(CELLS_PER_GROUP),--cells-per-group $(CELLS_PER_GROUP)))
+	  $(RAY_ADDRESS)) $(if $(CELLS_PER_GROUP),--cells-per-group $(CELLS_PER_GROUP)) \
+	  $(if $(GPUS_PER_CELL),--gpus-per-cell $(GPUS_PER_CELL) --device-map auto))
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -90,6 +93,17 @@ regress-baseline: $(STAMP)
 	rm -rf $(REGRESS_BASELINE)
 	$(PY) -m bench run --model gemma-3-270m --methods $(REGRESS_METHODS) --limit 1 --max-new-tokens 64 \
 	  --device cpu --dtype float32 --matmul blas --out $(REGRESS_BASELINE) $(if $(QUESTIONS),--questions $(QUESTIONS))
+
+# The committed reference run (README, "Reference results"): every shipped method, the six groups,
+# 3 questions per group, 128 new tokens, 3 runs, plus the step-cost profile; about 85 minutes on
+# the 2-core EPYC. Run it on a quiet machine: nothing else may share the cores while it times.
+REFERENCE_OUT ?= results/reference
+reference: $(STAMP)
+	rm -rf $(REFERENCE_OUT)
+	$(PY) -m bench run --model gemma-3-270m --limit 3 --max-new-tokens 128 --runs 3 \
+	  --device cpu --dtype float32 --matmul blas --out $(REFERENCE_OUT) --no-report $(if $(QUESTIONS),--questions $(QUESTIONS))
+	$(PY) -m bench profile --model gemma-3-270m --device cpu --matmul blas --out $(REFERENCE_OUT)
+	$(PY) -m bench report $(REFERENCE_OUT)
 
 train: $(STAMP)
 	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo or METHOD=medusa"; exit 2; }
