@@ -51,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--template", help="chat template for a model outside the catalog: question_answer or vicuna_v1.1")
     run.add_argument("--no-report", action="store_true", help="skip writing the summary and figures")
     run.add_argument("--device-map", choices=["auto", "none"],
-                     help="auto: transformers places a hub/local checkpoint on the device (accelerate's device "
-                     "map); the runtime runs a model on one device, so this needs one visible GPU and refuses a "
-                     "model that does not fit on it; on CPU it is the plain CPU load [none]")
+                     help="auto: a hub/local checkpoint's decoder layers are spread over the visible GPUs (as "
+                     "few as hold it, from --device's on; embedding, final norm and LM head on the first) and run "
+                     "as a pipeline, each layer's KV cache on its GPU; on CPU it is the plain load [none]")
     launcher = run.add_argument_group(
         "launcher", "Where the sweep runs. ray: the questions are split into cells (one group, or a shard of a "
-        "group's questions); each cell holds one GPU (on CPU, --cpus-per-cell cores) and runs vanilla and every "
+        "group's questions); each cell holds one GPU (--gpus-per-cell GPUs; on CPU, --cpus-per-cell cores) and runs vanilla and every "
         "method, all --runs, on that device. Results land in --out as a local run writes them; a rerun skips "
         "finished cells and retries failed or missing ones.")
     launcher.add_argument("--launcher", choices=["local", "ray"], default="local",
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_argument("--cells-per-group", type=int,
                           help="ray: split each group's questions into N cells to use more GPUs [1]")
     launcher.add_argument("--cpus-per-cell", type=float, help="ray, on CPU: cores each cell holds [1]")
+    launcher.add_argument("--gpus-per-cell", type=int, help="ray, on GPUs: GPUs each cell holds, for a model "
+                          "larger than one GPU with --device-map auto [1]")
     launcher.add_argument("--cell-retries", type=int, help="ray: retries of a cell whose worker died or that "
                           "raised, before it is recorded as failed [2]")
 
@@ -159,7 +161,8 @@ def command_run(args: argparse.Namespace) -> None:
     if args.device_map is not None:
         values["device_map"] = args.device_map
     ray_flags = {"--ray-address": args.ray_address, "--cells-per-group": args.cells_per_group,
-                 "--cpus-per-cell": args.cpus_per_cell, "--cell-retries": args.cell_retries}
+                 "--cpus-per-cell": args.cpus_per_cell, "--cell-retries": args.cell_retries,
+                 "--gpus-per-cell": args.gpus_per_cell}
     if args.launcher == "ray":
         from bench.launch import RayOptions, run_on_ray
         out = run_on_ray(RunSettings(**values), RayOptions.from_flags(*ray_flags.values()))

@@ -55,19 +55,23 @@ INSTALL_HINT = "pip install '.[ray]' in the harness's environment (or `make inst
 class RayOptions:
     address: str | None = None  # None: join the cluster in RAY_ADDRESS, else start one on this machine
     cells_per_group: int = 1
-    cpus_per_cell: float = 1.0  # CPU runs only; a GPU cell holds one GPU and one core
+    cpus_per_cell: float = 1.0  # CPU runs only; a GPU cell holds gpus_per_cell GPUs and one core
     cell_retries: int = 2
+    gpus_per_cell: int = 1  # >1 with --device-map auto: a model split over the cell's GPUs
 
     @classmethod
     def from_flags(cls, address: str | None, cells_per_group: int | None, cpus_per_cell: float | None,
-                   cell_retries: int | None) -> "RayOptions":
+                   cell_retries: int | None, gpus_per_cell: int | None = None) -> "RayOptions":
         options = cls(address or None, cells_per_group if cells_per_group is not None else cls.cells_per_group,
                       cpus_per_cell if cpus_per_cell is not None else cls.cpus_per_cell,
-                      cell_retries if cell_retries is not None else cls.cell_retries)
+                      cell_retries if cell_retries is not None else cls.cell_retries,
+                      gpus_per_cell if gpus_per_cell is not None else cls.gpus_per_cell)
         if options.cells_per_group < 1:
             raise UserError("--cells-per-group must be a positive integer")
         if options.cpus_per_cell <= 0:
             raise UserError("--cpus-per-cell must be positive")
+        if options.gpus_per_cell < 1:
+            raise UserError("--gpus-per-cell must be a positive integer")
         if options.cell_retries < 0:
             raise UserError("--cell-retries must be 0 or more")
         return options
@@ -222,15 +226,20 @@ def connect(ray, address: str | None) -> bool:
     return True
 
 
-def cell_resources(ray, device: str, cpus_per_cell: float) -> tuple[dict, str]:
-    """Ray resources of one cell and the device its worker loads the model on: one GPU where the
-    run is on CUDA (`auto` with GPUs in the cluster), else `cpus_per_cell` cores."""
+def cell_resources(ray, device: str, cpus_per_cell: float, gpus_per_cell: int = 1) -> tuple[dict, str]:
+    """Ray resources of one cell and the device its worker loads the model on: `gpus_per_cell`
+    GPUs where the run is on CUDA (`auto` with GPUs in the cluster), else `cpus_per_cell` cores."""
     gpus = ray.cluster_resources().get("GPU", 0)
     if device == "cuda" or (device == "auto" and gpus >= 1):
         if gpus < 1:
             raise UserError("--device cuda, but the Ray cluster has no GPU; start its nodes on GPU machines "
                             "or use --device cpu")
-        return {"num_gpus": 1, "num_cpus": 1}, "cuda"
+        largest = max((node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")),
+                      default=0)
+        if gpus_per_cell > largest:
+            raise UserError(f"--gpus-per-cell {gpus_per_cell}: no node of the Ray cluster has that many GPUs "
+                            f"(the largest has {largest:g}); a cell's GPUs are on one machine")
+        return {"num_gpus": gpus_per_cell, "num_cpus": 1}, "cuda"
     largest = max((node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
     if cpus_per_cell > largest:
         raise UserError(f"--cpus-per-cell {cpus_per_cell:g}: no node of the Ray cluster has that many CPUs "
@@ -397,7 +406,7 @@ def run_on_ray(settings: RunSettings, options: RayOptions) -> Path:
 
 
 def sweep(ray, settings: RunSettings, options: RayOptions, plan: Plan, cells: list[Cell]) -> Path:
-    resources, device = cell_resources(ray, settings.device, options.cpus_per_cell)
+    resources, device = cell_resources(ray, settings.device, options.cpus_per_cell, options.gpus_per_cell)
     settings = dataclasses.replace(settings, device=device)
     out = Path(settings.out or Path("runs") / settings.model)
     retry = {"max_retries": options.cell_retries, "retry_exceptions": True}
@@ -416,7 +425,7 @@ def sweep(ray, settings: RunSettings, options: RayOptions, plan: Plan, cells: li
     config = prepare_out_dir(out, config)
 
     todo = [cell for cell in cells if cell_finished(out, cell, plan) is None]
-    held = "1 GPU" if resources["num_gpus"] else f"{resources['num_cpus']:g} CPU core(s)"
+    held = f"{resources['num_gpus']} GPU(s)" if resources["num_gpus"] else f"{resources['num_cpus']:g} CPU core(s)"
     print(f"[ray] {len(plan.questions)} questions in {len(cells)} cells ({len(cells) - len(todo)} finished "
           f"earlier), each holding {held}, on {config['device']}/{config['dtype']}; writing {out}", file=sys.stderr)
     by_id = {q["question_id"]: q for q in plan.questions}

@@ -191,6 +191,7 @@ def runtime_from_hf(hf_model) -> Transformer:
     if cfg.tie_word_embeddings:
         runtime.lm_head.weight = runtime.embed_tokens.weight
     runtime.init_rope(runtime.embed_tokens.weight.device)
+    runtime.place_layers()  # a pipeline when a device map put the layers on several devices
     runtime.requires_grad_(False)
     runtime.eval()
     runtime.source_model = hf_model
@@ -264,57 +265,135 @@ def _load_embedded(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
 
 
 def _load_hub(source: str, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
+        placement = None
+        if device_map is not None:
+            placement = hub_device_map(AutoConfig.from_pretrained(source), dtype, device)
+            _log(f"[models] --device-map auto: {describe_placement(placement)}")
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=placement)
     except OSError as error:
         raise UserError(f"could not load {source!r} from the Hugging Face hub or a local folder ({error}). "
                         f"On a machine without network access, download it elsewhere and pass the folder as --model PATH "
                         f"with --method-args or HF_HOME pointing at it.") from error
     if device_map is None:
         hf_model = hf_model.to(device)
-    else:
-        check_single_device(hf_model, source)
     return hf_model.eval(), HFTokenizer(tokenizer, [])
 
 
 DEVICE_MAPS = ("auto", "none")
+# Share of each GPU's free memory left for the KV cache, activations and the methods' own modules
+# when --device-map auto places the weights.
+DEVICE_MAP_HEADROOM = 0.2
 
 
 def resolve_device_map(device_map: str | None, device: torch.device) -> str | None:
-    """The device_map to hand to transformers: "auto" on CUDA, else None (one device, as without it).
-
-    The runtime keeps its layers and its KV cache on one device, so `auto` is accepted where it
-    yields one device: on the CPU, and on a CUDA worker that sees one GPU (where transformers
-    places the model on it, and a model too large for it is refused after loading)."""
+    """"auto" where the model is to be placed over the visible GPUs, else None (the plain load
+    onto `device`: always on the CPU)."""
     if device_map in (None, "none"):
         return None
     if device_map not in DEVICE_MAPS:
         raise UserError(f"unknown --device-map {device_map!r}; valid: {', '.join(DEVICE_MAPS)}")
-    if device.type != "cuda":
-        return None
-    visible = torch.cuda.device_count()
-    if visible > 1:
-        raise UserError(f"--device-map auto would split the model over the {visible} visible GPUs, but the runtime "
-                        f"runs a model on one device (its layers and KV cache together). Make one GPU visible "
-                        f"(CUDA_VISIBLE_DEVICES=0), or use --launcher ray, whose cells hold one GPU each.")
-    return "auto"
+    return "auto" if device.type == "cuda" else None
 
 
-def check_single_device(hf_model, source: str) -> None:
-    """Refuse a model that transformers' device map placed on more than one device."""
-    placement = getattr(hf_model, "hf_device_map", None) or {}
-    devices = sorted({str(d) for d in placement.values()})
-    if len(devices) > 1:
-        raise UserError(f"{source} does not fit on one GPU: --device-map auto placed it on {', '.join(devices)}. "
-                        f"The runtime runs a model on one device; use a GPU with more memory or a smaller dtype.")
+def plan_layer_devices(layer_bytes: list[int], home_bytes: int, free_bytes: list[int],
+                       headroom: float = DEVICE_MAP_HEADROOM) -> list[int]:
+    """The device (an index into `free_bytes`) of each decoder layer, in order: device 0 holds the
+    home modules (`home_bytes`: embedding, final norm, LM head) and the first layers, the next
+    devices the following ones, each a share of the layers proportional to the memory it has left
+    after `headroom`. Uses as few devices as hold the model. Raises UserError when it does not fit."""
+    usable = [int(free * (1 - headroom)) for free in free_bytes]
+    usable[0] -= home_bytes
+    total = sum(layer_bytes)
+    gib = 2 ** 30
+    if usable[0] < 0 or total > sum(max(u, 0) for u in usable):
+        raise UserError(f"the model needs {(total + home_bytes) / gib:.1f} GiB of weights, but the "
+                        f"{len(free_bytes)} visible GPU(s) have {sum(free_bytes) / gib:.1f} GiB free "
+                        f"({headroom:.0%} of each kept for the KV cache and activations); use more GPUs, "
+                        f"a smaller dtype or a smaller model")
+    # Fewest devices first (a split costs a transfer per step); balanced over the ones used.
+    for count in range(1, len(usable) + 1):
+        capacity = [max(u, 0) for u in usable[:count]]
+        if sum(capacity) < total:
+            continue
+        bounds, running = [], 0.0
+        for size in capacity:
+            running += total * size / sum(capacity)
+            bounds.append(running)
+        devices, filled, used = [], 0, [0] * count
+        for size in layer_bytes:
+            middle = filled + size / 2
+            device = next((i for i, bound in enumerate(bounds) if middle <= bound), count - 1)
+            device = max(device, devices[-1] if devices else 0)  # layers stay in order
+            devices.append(device)
+            used[device] += size
+            filled += size
+        if all(u <= c for u, c in zip(used, capacity)):
+            return devices
+    # the proportional split overfilled a device by part of a layer: fill them in order instead
+    devices, device, used = [], 0, 0
+    for size in layer_bytes:
+        while used + size > max(usable[device], 0):
+            device, used = device + 1, 0
+            if device == len(usable):
+                raise UserError(f"the model's layers do not fit on the {len(free_bytes)} visible GPU(s)")
+        devices.append(device)
+        used += size
+    return devices
+
+
+def hub_device_map(hf_config, dtype: torch.dtype, home: torch.device) -> dict[str, int]:
+    """A transformers device map that puts the decoder layers over the visible GPUs (from
+    `home`'s on, by free memory) and everything else on `home`, the layout the runtime's pipeline
+    expects (Transformer.place_layers)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(hf_config)
+    layers_name = next((name for name, module in meta.named_modules()
+                        if isinstance(module, torch.nn.ModuleList) and len(module) == hf_config.num_hidden_layers
+                        and name.endswith("layers")), None)
+    if layers_name is None:
+        raise UserError(f"--device-map auto: cannot find the decoder layers of {type(meta).__name__}")
+    element = torch.tensor([], dtype=dtype).element_size()
+    layers = meta.get_submodule(layers_name)
+    layer_bytes = [sum(p.numel() for p in layer.parameters()) * element for layer in layers]
+    home_bytes = sum(p.numel() for p in meta.parameters()) * element - sum(layer_bytes)
+    first = home.index if home.index is not None else torch.cuda.current_device()
+    indices = list(range(first, torch.cuda.device_count()))
+    free = [torch.cuda.mem_get_info(i)[0] for i in indices]
+    devices = plan_layer_devices(layer_bytes, home_bytes, free)
+    placement: dict[str, int] = {}
+
+    def assign(prefix: str, module: torch.nn.Module) -> None:  # home for all but the layers
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full == layers_name:
+                placement.update({f"{full}.{i}": indices[d] for i, d in enumerate(devices)})
+            elif layers_name.startswith(full + "."):
+                assign(full + ".", child)
+            else:
+                placement[full] = first
+    assign("", meta)
+    return placement
+
+
+def describe_placement(placement: dict[str, int]) -> str:
+    layers: dict[int, int] = {}
+    for name, device in placement.items():
+        if name.rsplit(".", 1)[-1].isdigit():
+            layers[device] = layers.get(device, 0) + 1
+    return ", ".join(f"cuda:{device} {count} layers" for device, count in sorted(layers.items())) + \
+        f" (embedding, final norm and LM head on cuda:{min(placement.values())})"
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto", template: str | None = None,
                device_map: str | None = None) -> LoadedModel:
     """Load a catalog alias, a hub id or a local folder onto the device, as the runtime.
-    `device_map="auto"` lets transformers place a hub or local checkpoint (see resolve_device_map)."""
+    `device_map="auto"` places a hub or local checkpoint's decoder layers over the visible GPUs
+    (hub_device_map); the runtime then runs them as a pipeline (Transformer.place_layers)."""
     started = time.perf_counter()
     spec = CATALOG.get(name)
     if spec is None:

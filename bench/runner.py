@@ -222,9 +222,17 @@ def build_method(spec: MethodSpec, options: dict, model: LoadedModel):
         raise UserError(f"method {spec.label}: {error}") from None
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def model_devices(runtime) -> list[torch.device]:
+    """The devices a model occupies: its own, and those of its layers when split (place_layers)."""
+    return list(dict.fromkeys([runtime.device] + list(runtime.layer_devices or [])))
+
+
+def peak_memory_bytes(runtime) -> int:
+    """Peak allocated memory since the last reset: summed over the GPUs of a split model; on the
+    CPU, the process's peak RSS."""
+    devices = model_devices(runtime)
+    if devices[0].type == "cuda":
+        return sum(int(torch.cuda.max_memory_allocated(device)) for device in devices)
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (Linux: KiB)
 
 
@@ -363,7 +371,7 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
         stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None,
                              "trained_params": overhead.trained_params,
                              "extra_memory_bytes": overhead.extra_memory_bytes,
-                             "peak_memory_bytes": peak_memory_bytes(model.runtime.device)}
+                             "peak_memory_bytes": peak_memory_bytes(model.runtime)}
         write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
         del method
     return stats
@@ -375,7 +383,8 @@ def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dic
     records = read_answers(path)
     todo = [q for q in questions if "error" in records.get(q["question_id"], {"error": None})]
     if model.runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.runtime.device)
+        for device in model_devices(model.runtime):
+            torch.cuda.reset_peak_memory_stats(device)
     if todo:
         first = questions[0]  # warm-up, untimed; a failure here shows again, recorded, on that question
         try:

@@ -222,33 +222,49 @@ class DecoderLayer(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values, [layers, batch, kv_heads, max_len, head_dim], written by slot.
+    """Preallocated keys and values, written by slot: `k[layer]` and `v[layer]` are
+    [batch, kv_heads, max_len, head_dim]. On one device they are views of one tensor
+    [layers, batch, kv_heads, max_len, head_dim]; for a model split over devices (`devices`, one
+    per layer) they are a list of per-layer tensors, each on its layer's device.
 
     Rejected drafts need no rollback: the next write to those slots overwrites them. `positions`
-    holds the RoPE position of each slot (for the sliding-window mask)."""
+    holds the RoPE position of each slot (for the sliding-window mask), on `device`."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, batch: int = 1):
-        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device | str, batch: int = 1,
+                 devices: list[torch.device] | None = None):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        if devices is None:
+            self.k = torch.zeros((num_layers,) + shape, dtype=dtype, device=device)
+            self.v = torch.zeros((num_layers,) + shape, dtype=dtype, device=device)
+        else:
+            if len(devices) != num_layers:
+                raise ValueError(f"{len(devices)} devices for {num_layers} cache layers")
+            self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+            self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.positions = torch.zeros(max_len, dtype=torch.long, device=device)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.positions.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * sum(layer.numel() * layer.element_size() for layer in self.k)
 
     def move(self, source_slots: torch.Tensor, destination_start: int) -> None:
         """Copy the entries at `source_slots` to consecutive slots from `destination_start`
         (tree verification: the accepted path's entries are put in place)."""
         n = source_slots.numel()
         destination = slice(destination_start, destination_start + n)
-        self.k[:, :, :, destination] = self.k[:, :, :, source_slots]
-        self.v[:, :, :, destination] = self.v[:, :, :, source_slots]
+        if isinstance(self.k, torch.Tensor):
+            self.k[:, :, :, destination] = self.k[:, :, :, source_slots]
+            self.v[:, :, :, destination] = self.v[:, :, :, source_slots]
+        else:
+            for keys, values in zip(self.k, self.v):
+                slots = source_slots.to(keys.device)
+                keys[:, :, destination] = keys[:, :, slots]
+                values[:, :, destination] = values[:, :, slots]
         self.positions[destination] = self.positions[source_slots]
 
 
@@ -307,6 +323,9 @@ class Transformer(nn.Module):
         self.alias: str | None = None  # the catalog alias, to find committed checkpoints
         self.vocab_ranking = None  # callable -> token ids by decreasing frequency (for draft_vocab)
         self.matmul = "torch"
+        # One device per decoder layer when the layers are split over several devices (see
+        # place_layers); None when the whole model sits on `device`.
+        self.layer_devices: list[torch.device] | None = None
         self.requires_grad_(False)
 
     def init_rope(self, device: torch.device | str | None = None) -> None:
@@ -347,9 +366,30 @@ class Transformer(nn.Module):
         elif torch.get_num_threads() == 1 and DEFAULT_TORCH_THREADS > 1:
             torch.set_num_threads(DEFAULT_TORCH_THREADS)
 
+    def place_layers(self, split: bool | None = None) -> None:
+        """Record where the decoder layers live. A model whose layers sit on several devices (a
+        checkpoint loaded with a device map) runs as a pipeline: each layer runs on its own
+        device with its KV cache there, and the hidden state moves between devices. Everything
+        else (embedding, final norm, LM head, and the methods' own modules) stays on `device`,
+        and every public function takes and returns tensors there. `split=True` forces the
+        per-layer layout on one device (to test it without several devices)."""
+        devices = [next(layer.parameters()).device for layer in self.layers]
+        home = self.device
+        for name, module in (("final norm", self.norm), ("LM head", self.lm_head)):
+            if module.weight.device != home:
+                raise ValueError(f"the {name} is on {module.weight.device} but the embedding on {home}; "
+                                 f"a split model keeps both on the embedding's device")
+        if split is None:
+            split = any(device != home for device in devices)
+        self.layer_devices = devices if split else None
+
     def new_cache(self, max_len: int, num_layers: int | None = None) -> KVCache:
+        """A KV cache for all decoder layers (laid out like them: split when they are), or for
+        `num_layers` extra blocks on the model's device (e.g. Kangaroo's adapter)."""
         cfg = self.config
-        return KVCache(num_layers or cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, self.dtype, self.device)
+        devices = self.layer_devices if num_layers is None else None
+        return KVCache(num_layers or cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, self.dtype, self.device,
+                       devices=devices)
 
     def weight_bytes(self) -> int:
         """Bytes of distinct parameter storage (a tied LM head counts once)."""
@@ -395,9 +435,14 @@ class Transformer(nn.Module):
         cache.positions[start:start + T] = positions
         layers = layers if layers is not None else range(self.config.num_layers)
         context = _AttentionContext(self, cache, start, T, positions, tree_mask, hidden.dtype)
+        if self.layer_devices is None:
+            for index in layers:
+                hidden = self.layer_forward(self.layers[index], hidden, context, index)
+            return hidden
+        home = hidden.device
         for index in layers:
-            hidden = self.layer_forward(self.layers[index], hidden, context, index)
-        return hidden
+            hidden = self.layer_forward(self.layers[index], hidden.to(self.layer_devices[index]), context, index)
+        return hidden.to(home)
 
     def forward_block(self, layer: DecoderLayer, hidden: torch.Tensor, cache: KVCache, start: int,
                       cache_layer: int = 0) -> torch.Tensor:
@@ -440,14 +485,15 @@ class Transformer(nn.Module):
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.gemma:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = context.rope(sliding)
+        cos, sin = context.rope(sliding, x.device)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         end = context.start + T
-        cache.k[cache_layer, :, :, context.start:end] = k
-        cache.v[cache_layer, :, :, context.start:end] = v
-        low, mask = context.mask(sliding)
-        keys, values = cache.k[cache_layer, :, :, low:end], cache.v[cache_layer, :, :, low:end]  # [B, nkv, L, hd]
+        layer_keys, layer_values = cache.k[cache_layer], cache.v[cache_layer]  # [B, nkv, max_len, hd]
+        layer_keys[:, :, context.start:end] = k
+        layer_values[:, :, context.start:end] = v
+        low, mask = context.mask(sliding, x.device)
+        keys, values = layer_keys[:, :, low:end], layer_values[:, :, low:end]  # [B, nkv, L, hd]
         if cfg.attn_logit_softcapping:
             out = _softcapped_attention(q, keys, values, mask, cfg.attention_scale, cfg.attn_logit_softcapping)
         else:
@@ -466,29 +512,36 @@ class Transformer(nn.Module):
 
 
 class _AttentionContext:
-    """What every layer of one forward shares: RoPE tables and masks, built once per kind."""
+    """What every layer of one forward shares: RoPE tables and masks, built once per kind (and
+    copied once to each device of a split model)."""
 
     def __init__(self, model: Transformer, cache: KVCache, start: int, T: int,
                  positions: torch.Tensor, tree_mask: torch.Tensor | None, dtype: torch.dtype):
         self.model, self.cache, self.start, self.T = model, cache, start, T
         self.positions, self.tree_mask, self.dtype = positions, tree_mask, dtype
-        self._rope: dict[bool, tuple] = {}
-        self._masks: dict[bool, tuple] = {}
+        self._rope: dict[tuple, tuple] = {}
+        self._masks: dict[tuple, tuple] = {}
 
-    def rope(self, sliding: bool):
+    def rope(self, sliding: bool, device: torch.device):
         local = sliding and self.model.config.local_rope_theta is not None
-        if local not in self._rope:
-            self._rope[local] = self.model.rope(self.positions, local, self.dtype)
-        return self._rope[local]
+        if (local, device) not in self._rope:
+            if (local, self.positions.device) not in self._rope:
+                self._rope[local, self.positions.device] = self.model.rope(self.positions, local, self.dtype)
+            cos, sin = self._rope[local, self.positions.device]
+            self._rope[local, device] = cos.to(device), sin.to(device)
+        return self._rope[local, device]
 
-    def mask(self, sliding: bool) -> tuple[int, torch.Tensor | str | None]:
+    def mask(self, sliding: bool, device: torch.device) -> tuple[int, torch.Tensor | str | None]:
         """(first key slot, mask): None when every key is visible, "causal" for a plain causal
         prefill, else an additive float mask [T, L] (0 visible, -inf hidden), built once per
         forward so that no layer converts a boolean mask again."""
         window = self.model.config.sliding_window if sliding else None
-        if window not in self._masks:
-            self._masks[window] = self._build_mask(window)
-        return self._masks[window]
+        if (window, device) not in self._masks:
+            if (window, self.positions.device) not in self._masks:
+                self._masks[window, self.positions.device] = self._build_mask(window)
+            low, mask = self._masks[window, self.positions.device]
+            self._masks[window, device] = low, mask.to(device) if isinstance(mask, torch.Tensor) else mask
+        return self._masks[window, device]
 
     def _build_mask(self, window: int | None) -> tuple[int, torch.Tensor | str | None]:
         start, T, device = self.start, self.T, self.positions.device

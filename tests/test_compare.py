@@ -81,7 +81,7 @@ def test_each_rule_flags_a_regression(tmp_path, changes, metric):
 
 
 def test_small_moves_and_improvements_pass(tmp_path):
-    code, text = run_compare(tmp_path, changed(mean_accepted_tokens=1.995, speedup=1.45))  # within 1% / 10%
+    code, text = run_compare(tmp_path, changed(mean_accepted_tokens=1.995, speedup=1.45))  # within 1% / 20%
     assert code == 0 and "nothing moved" in text
     code, text = run_compare(tmp_path, changed(mean_accepted_tokens=2.5, speedup=2.0))
     assert code == 0 and "improved" in text

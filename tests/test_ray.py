@@ -1,4 +1,5 @@
-"""Tests of the Ray launcher (bench/launch.py) and `--device-map`.
+"""Tests of the Ray launcher (bench/launch.py), and `--device-map auto` on one device (the split
+over several is in test_device_map.py).
 
 The Ray tests start a local Ray cluster of 2 CPUs once for the module and run the tiny random Llama
 in float64 on it (a few questions, 8 new tokens), so that a Ray run and a sequential run of the
@@ -16,9 +17,7 @@ import torch
 
 from bench import metrics
 from bench.__main__ import main
-from bench.errors import UserError
 from bench.launch import FAIL_ENV, cell_directory, plan_cells
-from bench.models import check_single_device, resolve_device_map
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECK_RUN = ROOT / "shared/tools/check_run.py"
@@ -273,24 +272,3 @@ def test_device_map_auto_runs_on_one_device(questions, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["device"] == "cpu" and config["environment"]["device_map"] == "auto"
     assert all("error" not in r for r in answers(out).values())
-
-
-def test_device_map_placement(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_device_map(None, cuda) is None and resolve_device_map("none", cuda) is None
-    assert resolve_device_map("auto", cpu) is None  # one device: the plain load
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert resolve_device_map("auto", cuda) == "auto"
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(UserError, match="one device"):
-        resolve_device_map("auto", cuda)
-    with pytest.raises(UserError, match="valid: auto, none"):
-        resolve_device_map("balanced", cpu)
-
-    class Placed:
-        hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
-
-    with pytest.raises(UserError, match="does not fit on one GPU"):
-        check_single_device(Placed(), "some/model")
-    Placed.hf_device_map = {"model.layers.0": 0, "model.layers.1": 0}
-    check_single_device(Placed(), "some/model")
