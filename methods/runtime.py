@@ -522,26 +522,26 @@ class _AttentionContext:
         self._rope: dict[tuple, tuple] = {}
         self._masks: dict[tuple, tuple] = {}
 
+    def _per_device(self, table: dict, key, device: torch.device, build) -> tuple:
+        """table[key, device]: built once on the positions' device, copied once to each other one."""
+        if (key, device) not in table:
+            home = self.positions.device
+            if (key, home) not in table:
+                table[key, home] = build()
+            table[key, device] = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in table[key, home])
+        return table[key, device]
+
     def rope(self, sliding: bool, device: torch.device):
         local = sliding and self.model.config.local_rope_theta is not None
-        if (local, device) not in self._rope:
-            if (local, self.positions.device) not in self._rope:
-                self._rope[local, self.positions.device] = self.model.rope(self.positions, local, self.dtype)
-            cos, sin = self._rope[local, self.positions.device]
-            self._rope[local, device] = cos.to(device), sin.to(device)
-        return self._rope[local, device]
+        return self._per_device(self._rope, local, device,
+                                lambda: self.model.rope(self.positions, local, self.dtype))
 
     def mask(self, sliding: bool, device: torch.device) -> tuple[int, torch.Tensor | str | None]:
         """(first key slot, mask): None when every key is visible, "causal" for a plain causal
         prefill, else an additive float mask [T, L] (0 visible, -inf hidden), built once per
         forward so that no layer converts a boolean mask again."""
         window = self.model.config.sliding_window if sliding else None
-        if (window, device) not in self._masks:
-            if (window, self.positions.device) not in self._masks:
-                self._masks[window, self.positions.device] = self._build_mask(window)
-            low, mask = self._masks[window, self.positions.device]
-            self._masks[window, device] = low, mask.to(device) if isinstance(mask, torch.Tensor) else mask
-        return self._masks[window, device]
+        return self._per_device(self._masks, window, device, lambda: self._build_mask(window))
 
     def _build_mask(self, window: int | None) -> tuple[int, torch.Tensor | str | None]:
         start, T, device = self.start, self.T, self.positions.device
