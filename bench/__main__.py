@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "float16 on CUDA, bfloat16 for Gemma3]")
     run.add_argument("--matmul", help="matrix-product path on CPU: torch; blas (numpy/OpenBLAS on transposed weights); kernel (the "
                      "harness's skinny AVX2 product for up to 16 rows, compiled once with the system C compiler; "
-                     "k-row products bit-identical to 1-row ones; opt-in); auto (the faster of torch and blas on "
+                     "k-row products bit-identical to 1-row ones); auto (the fastest of kernel, torch and blas on "
                      "the LM head, measured at load) [auto]")
     run.add_argument("--method-args", nargs="+", metavar="NAME:key=value,...",
                      help="default options for every spec of NAME")

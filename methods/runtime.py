@@ -30,6 +30,8 @@ from methods import kernels
 FAMILIES = ("llama", "qwen2", "gemma3")
 MATMUL_PATHS = ("torch", "blas", "kernel")
 DEFAULT_TORCH_THREADS = torch.get_num_threads()
+# Up to this many new tokens, CPU attention is computed with plain products (_grouped_attention).
+SMALL_ATTENTION_QUERIES = 64
 
 
 @dataclass
@@ -85,11 +87,25 @@ class RMSNorm(nn.Module):
         self.plus_one = plus_one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not (
+                torch.is_grad_enabled() and self.weight.requires_grad):
+            # The same numbers in fewer operations (decoding runs over a hundred norms a step):
+            # no casts, and Gemma's 1 + w computed once per weight version.
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self._scale()
         x32 = x.to(torch.float32)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:
             return (normed * (1.0 + self.weight.float())).type_as(x)
         return self.weight * normed.to(x.dtype)
+
+    def _scale(self) -> torch.Tensor:
+        """The factor the normalized input is multiplied by: w, or 1 + w (cached)."""
+        if not self.plus_one:
+            return self.weight
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        if getattr(self, "_scale_key", None) != key:
+            self._scale_key, self._scale_value = key, (1.0 + self.weight.detach())
+        return self._scale_value
 
 
 class Linear(nn.Linear):
@@ -99,39 +115,72 @@ class Linear(nn.Linear):
       numpy/OpenBLAS (2-3x faster than torch's product for the skinny shapes of decoding on some
       CPUs); torch.from_numpy shares the result at no cost.
     - "kernel": up to 16 rows through methods/kernels.py's skinny product on the torch weight
-      itself (no copy; a k-row product is bit-identical to k 1-row ones), more rows through
-      OpenBLAS on the same array.
+      itself (no copy; a k-row product is bit-identical to k 1-row ones); more rows (a prefill)
+      through torch's product on every core.
     The torch weight stays (the transformers model shares it). Tensors that need gradients, or
     live on a GPU, always take the torch path."""
 
     host_path: str | None = None
     host_weight: np.ndarray | None = None
+    _product: kernels.Product | None = None
 
     def use_path(self, path: str) -> None:
         """Route this layer's products through `path` ("torch", "blas" or "kernel")."""
-        if path == "blas" and self.host_path != "blas":
-            self.host_weight = np.ascontiguousarray(self.weight.detach().cpu().numpy().T)
-        elif path == "kernel" and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
-            self.host_weight = self.weight.detach().contiguous().numpy()
-        elif path != "blas":
+        self._product = None
+        if path == "blas":
+            if self.host_path != "blas":
+                self.host_weight = np.ascontiguousarray(self.weight.detach().cpu().numpy().T)
+        elif path == "kernel" and kernels.accepts(self.weight):
+            self.host_weight = None
+        else:
             path, self.host_weight = "torch", None
         self.host_path = None if path == "torch" else path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.host_weight is None or _needs_torch(x, [self.weight]):
+        if self.host_path is None or _needs_torch(x, [self.weight]):
             return F.linear(x, self.weight, self.bias)
-        out = torch.from_numpy(host_matmul(x.reshape(-1, x.shape[-1]).numpy(), self.host_path, self.host_weight))
+        flat = x.reshape(-1, x.shape[-1])
+        if self.host_path == "blas":
+            out = torch.from_numpy(np.matmul(flat.numpy(), self.host_weight))
+        elif flat.shape[0] <= kernels.MAX_ROWS:
+            self._product = _current_product(self._product, [self])
+            out = self._product(flat)
+        else:
+            with all_cores():
+                out = F.linear(flat, self.weight)
         out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
         return out + self.bias if self.bias is not None else out
 
 
-def host_matmul(x: np.ndarray, path: str, weight: np.ndarray) -> np.ndarray:
-    """x [M, K] times a host weight: transposed [K, N] for "blas", row-major [N, K] for "kernel"."""
-    if path == "blas":
-        return np.matmul(x, weight)
-    if x.shape[0] <= kernels.MAX_ROWS and kernels.supports(x, weight) and kernels.load() is not None:
-        return kernels.skinny_matmul(x, weight)
-    return np.matmul(x, weight.T)
+def _current_product(product: kernels.Product | None, linears: list[Linear]) -> kernels.Product:
+    """`product` if it still multiplies by these layers' weights, else a new one (a weight whose
+    storage was replaced since, e.g. by `module.weight.data = ...`, is picked up)."""
+    if product is None or any(w.data_ptr() != l.weight.data_ptr() for w, l in zip(product.weights, linears)):
+        product = kernels.Product(*(linear.weight.detach() for linear in linears))
+    return product
+
+
+def _set_torch_threads(path: str) -> None:
+    """Another library's threads and torch's OpenMP pool spin against each other on a few cores:
+    with the host paths the products use their own threads and torch's small operations one."""
+    if path in ("blas", "kernel"):
+        torch.set_num_threads(1)
+    elif torch.get_num_threads() == 1 and DEFAULT_TORCH_THREADS > 1:
+        torch.set_num_threads(DEFAULT_TORCH_THREADS)
+
+
+class all_cores:
+    """Context: torch's own products on every core for a while (a prefill on the kernel path,
+    where torch otherwise runs its small operations on one thread)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        if self.threads != DEFAULT_TORCH_THREADS:
+            torch.set_num_threads(DEFAULT_TORCH_THREADS)
+
+    def __exit__(self, *exc):
+        if self.threads != DEFAULT_TORCH_THREADS:
+            torch.set_num_threads(self.threads)
 
 
 def _needs_torch(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
@@ -143,26 +192,26 @@ class FusedProjections(nn.Module):
     """Base of modules whose input goes through several linear layers at once (q/k/v; gate/up).
 
     On the BLAS path the transposed weights sit side by side in one array, so one product serves
-    all of them (fewer, wider products for the 1-16 rows of decoding). The layers' own copies are
-    then dropped."""
+    all of them (fewer, wider products for the 1-16 rows of decoding), and the layers' own copies
+    are dropped. On the kernel path one kernel call streams all the weights in place."""
 
     fused_names: tuple[str, ...] = ()
+    fused_path: str | None = None  # "blas" or "kernel" when the products are fused
     fused_weight: np.ndarray | None = None
     fused_bias: torch.Tensor | None = None
+    _product: kernels.Product | None = None
 
     def use_path(self, path: str) -> None:
-        """On the BLAS path the layers' products are fused; the kernel path keeps them apart (the
-        kernel reads each torch weight in place, and a fused copy would cost memory)."""
         linears = [getattr(self, name) for name in self.fused_names]
-        self.fused_weight = self.fused_bias = None
-        if path != "blas":
-            for linear in linears:
-                linear.use_path(path)
-            return
+        self.fused_weight = self.fused_bias = self._product = self.fused_path = None
         for linear in linears:
-            linear.use_path("torch")
-        self.fused_weight = np.ascontiguousarray(
-            np.concatenate([linear.weight.detach().cpu().numpy().T for linear in linears], axis=1))
+            linear.use_path("torch" if path == "blas" else path)
+        if path == "blas":
+            self.fused_weight = np.ascontiguousarray(
+                np.concatenate([linear.weight.detach().cpu().numpy().T for linear in linears], axis=1))
+        elif not (path == "kernel" and all(linear.host_path == "kernel" for linear in linears)):
+            return
+        self.fused_path = path
         biases = [linear.bias for linear in linears]
         if any(b is not None for b in biases):
             self.fused_bias = torch.cat([b.detach() if b is not None else torch.zeros(l.out_features, dtype=l.weight.dtype)
@@ -171,9 +220,15 @@ class FusedProjections(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each fused layer applied to x [..., in]."""
         linears = [getattr(self, name) for name in self.fused_names]
-        if self.fused_weight is None or _needs_torch(x, [linear.weight for linear in linears]):
+        flat = x.reshape(-1, x.shape[-1])
+        if self.fused_path == "blas" and not _needs_torch(x, [linear.weight for linear in linears]):
+            out = torch.from_numpy(np.matmul(flat.numpy(), self.fused_weight))
+        elif (self.fused_path == "kernel" and flat.shape[0] <= kernels.MAX_ROWS
+              and not _needs_torch(x, [linear.weight for linear in linears])):
+            self._product = _current_product(self._product, linears)
+            out = self._product(flat)
+        else:
             return tuple(linear(x) for linear in linears)
-        out = torch.from_numpy(np.matmul(x.reshape(-1, x.shape[-1]).numpy(), self.fused_weight))
         out = out.view(*x.shape[:-1], out.shape[-1])
         if self.fused_bias is not None:
             out = out + self.fused_bias
@@ -359,12 +414,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"the kernel matmul path is unavailable here: {kernels.unavailable_reason()}")
         set_matmul_path(self, path)
         self.matmul = path
-        # Another library's threads and torch's OpenMP pool spin against each other on a few
-        # cores: with the host paths the products use their own threads and torch's small ops one.
-        if path in ("blas", "kernel"):
-            torch.set_num_threads(1)
-        elif torch.get_num_threads() == 1 and DEFAULT_TORCH_THREADS > 1:
-            torch.set_num_threads(DEFAULT_TORCH_THREADS)
+        _set_torch_threads(path)
 
     def place_layers(self, split: bool | None = None) -> None:
         """Record where the decoder layers live. A model whose layers sit on several devices (a
@@ -496,6 +546,8 @@ class Transformer(nn.Module):
         keys, values = layer_keys[:, :, low:end], layer_values[:, :, low:end]  # [B, nkv, L, hd]
         if cfg.attn_logit_softcapping:
             out = _softcapped_attention(q, keys, values, mask, cfg.attention_scale, cfg.attn_logit_softcapping)
+        elif x.device.type == "cpu" and T <= SMALL_ATTENTION_QUERIES and not isinstance(mask, str):
+            out = _grouped_attention(q, keys, values, mask, cfg.attention_scale)
         else:
             causal = isinstance(mask, str)  # "causal": a fresh prefill, SDPA's own causal kernel
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask,
@@ -566,6 +618,21 @@ class _AttentionContext:
         return low, hidden.masked_fill_(~visible, float("-inf"))
 
 
+def _grouped_attention(q, keys, values, mask, scale):
+    """Attention of a few queries (decoding, verification) on CPU as two plain products and a
+    softmax: SDPA's CPU kernel costs about 0.1 ms a call however small the call. The query heads
+    that share a KV head are stacked, so no key or value is repeated. q [B, nh, T, hd], keys and
+    values [B, nkv, L, hd], mask None or additive [T, L]."""
+    B, heads, T, head_dim = q.shape
+    kv_heads, L = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(q.reshape(B, kv_heads, group * T, head_dim), keys.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = (scores.view(B, kv_heads, group, T, L) + mask).view(B, kv_heads, group * T, L)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if q.element_size() < 4 else q.dtype).to(q.dtype)
+    return torch.matmul(probs, values).view(B, heads, T, head_dim)
+
+
 def _softcapped_attention(q, keys, values, mask, scale, cap):
     """Attention with tanh-capped scores (Gemma-2 style), where SDPA cannot do it."""
     groups = q.shape[1] // keys.shape[1]
@@ -582,19 +649,23 @@ def _softcapped_attention(q, keys, values, mask, scale, cap):
 
 def pick_matmul_path(model: Transformer, requested: str = "auto") -> str:
     """The matrix-product path for this model on this machine: `requested`, or for "auto": torch
-    on a GPU, else the faster of torch and BLAS on the LM head (the dominant product) at 1 and 8
-    rows. The skinny kernel is opt-in (`kernel`): it flattens the cost of 2-16 rows but is slower
-    than BLAS for 1 row on the 2-core EPYC, and its OpenMP threads contend with OpenBLAS's after a
-    prefill (README, "Matrix-product paths"). Sets the path on the model and returns it."""
+    on a GPU, else the fastest of the CPU paths on the LM head (the dominant product) at 1 and 8
+    rows: kernel (where it compiles and the model is float32), torch and BLAS. The kernel goes
+    first, so that no other library's threads are still spinning while it is timed. Sets the path
+    on the model and returns it."""
     if requested != "auto":
         path = requested
     elif model.device.type != "cpu":
         path = "torch"
     else:
+        candidates = ["torch", "blas"]
+        if model.dtype == torch.float32 and kernels.load() is not None:
+            candidates.insert(0, "kernel")
         timings = {}
         with torch.inference_mode():
-            for path in ("torch", "blas"):
+            for path in candidates:
                 model.lm_head.use_path(path)
+                _set_torch_threads(path)
                 total = 0.0
                 for rows in (1, 8):
                     x = torch.randn(1, rows, model.config.hidden_size, dtype=model.dtype)

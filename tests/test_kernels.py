@@ -31,13 +31,42 @@ def test_matches_numpy_and_rows_are_bit_identical(shape):
         assert np.array_equal(out, singles)
 
 
+def test_several_weights_in_one_product_equal_separate_products():
+    rng = np.random.default_rng(1)
+    weights = [rng.standard_normal((rows, 64), dtype=np.float32) for rows in (300, 70, 70)]
+    x = rng.standard_normal((5, 64), dtype=np.float32)
+    together = kernels.skinny_matmul(x, *weights)
+    assert together.shape == (5, 440)
+    # bit-identical: each output element is computed the same way in either call
+    assert np.array_equal(together, np.concatenate([kernels.skinny_matmul(x, w) for w in weights], axis=1))
+
+
 def test_refuses_unsupported_shapes():
-    weight = np.ones((4, 12), dtype=np.float32)
-    assert not kernels.supports(np.ones((1, 12), np.float32), weight)  # inner size not a multiple of 8
-    assert not kernels.supports(np.ones((17, 8), np.float32), np.ones((4, 8), np.float32))
-    assert not kernels.supports(np.ones((1, 8), np.float64), np.ones((4, 8), np.float64))
-    with pytest.raises(ValueError, match="unsupported"):
-        kernels.skinny_matmul(np.ones((1, 12), np.float32), weight)
+    weight = torch.ones(4, 12)
+    assert not kernels.accepts(weight)  # inner size not a multiple of 8
+    assert not kernels.accepts(torch.ones(4, 8, dtype=torch.float64))
+    assert not kernels.accepts(torch.ones(8, 4).t())  # not contiguous
+    with pytest.raises(ValueError, match="unsupported weight"):
+        kernels.Product(weight)
+    with pytest.raises(ValueError, match="unsupported weight"):
+        kernels.Product(torch.ones(4, 8), torch.ones(4, 16))  # inner sizes differ
+    product = kernels.Product(torch.ones(4, 8))
+    with pytest.raises(ValueError, match="unsupported input"):
+        product(torch.ones(17, 8))  # more rows than the kernel takes
+    with pytest.raises(ValueError, match="unsupported input"):
+        product(torch.ones(1, 16))
+
+
+def test_a_replaced_weight_is_picked_up():
+    from methods.runtime import Linear
+    layer = Linear(16, 8, bias=False)
+    layer.requires_grad_(False)
+    layer.use_path("kernel")
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), x @ layer.weight.T, atol=1e-5)
+        layer.weight.data = torch.randn(8, 16)  # new storage: the kernel must not use the old one
+        assert torch.allclose(layer(x), x @ layer.weight.T, atol=1e-5)
 
 
 def test_runtime_kernel_path_is_lossless_and_verify_equals_decode():
