@@ -102,9 +102,12 @@ class RMSNorm(nn.Module):
         """The factor the normalized input is multiplied by: w, or 1 + w (cached)."""
         if not self.plus_one:
             return self.weight
+        if self.weight.is_inference():  # made under inference mode: no version counter to key on
+            return 1.0 + self.weight
         key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
         if getattr(self, "_scale_key", None) != key:
-            self._scale_key, self._scale_value = key, (1.0 + self.weight.detach())
+            with torch.inference_mode(False), torch.no_grad():  # usable later with autograd on
+                self._scale_key, self._scale_value = key, 1.0 + self.weight.detach()
         return self._scale_value
 
 
@@ -146,7 +149,7 @@ class Linear(nn.Linear):
             self._product = _current_product(self._product, [self])
             out = self._product(flat)
         else:
-            with all_cores():
+            with _all_cores():
                 out = F.linear(flat, self.weight)
         out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
         return out + self.bias if self.bias is not None else out
@@ -169,7 +172,7 @@ def _set_torch_threads(path: str) -> None:
         torch.set_num_threads(DEFAULT_TORCH_THREADS)
 
 
-class all_cores:
+class _all_cores:
     """Context: torch's own products on every core for a while (a prefill on the kernel path,
     where torch otherwise runs its small operations on one thread)."""
 

@@ -144,3 +144,49 @@ def test_embedded_model_matches_transformers_beyond_the_sliding_window(embedded,
             runtime.set_matmul(matmul)
             assert get("vanilla")(runtime).generate(ids, 16, embedded.stop_ids).new_ids == theirs, matmul
     runtime.set_matmul("torch")
+
+
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_norm_fast_path_gives_the_same_numbers_and_works_under_autograd(plus_one):
+    from methods.runtime import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6, plus_one=plus_one)
+    norm.weight.data.normal_(0, 0.5)
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        fast = norm(x)  # float32 without gradients: the fast path (and its cached 1 + w)
+    norm.weight.requires_grad_(True)
+    slow = norm(x)  # with a weight that needs gradients: the reference formula
+    assert torch.equal(fast, slow.detach())
+    # the cached factor made under inference mode must be usable when autograd records
+    norm.weight.requires_grad_(False)
+    x.requires_grad_(True)
+    norm(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # an in-place update of the weight is picked up
+    with torch.no_grad():
+        norm.weight.add_(1.0)
+    with torch.inference_mode():
+        updated = norm(x.detach())
+    norm.weight.requires_grad_(True)
+    assert torch.equal(updated, norm(x.detach()).detach())
+    # a norm built under inference mode (e.g. a method's module made inside a profile)
+    with torch.inference_mode():
+        built = RMSNorm(64, 1e-6, plus_one=plus_one)
+        built.weight.copy_(norm.weight.detach())
+        assert torch.equal(built(x.detach()), updated)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_grouped_attention_matches_sdpa(with_mask):
+    from methods.runtime import _grouped_attention
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 3, 16, dtype=torch.float64)  # 4 query heads sharing 2 KV heads, 3 new tokens
+    keys, values = torch.randn(1, 2, 7, 16, dtype=torch.float64), torch.randn(1, 2, 7, 16, dtype=torch.float64)
+    mask = None
+    if with_mask:
+        mask = torch.zeros(3, 7, dtype=torch.float64)
+        mask[0, 5:] = mask[1, 6:] = mask[2, :2] = float("-inf")
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
+                                                                enable_gqa=True)
+    assert torch.allclose(_grouped_attention(q, keys, values, mask, 0.3), expected, rtol=0, atol=1e-12)
