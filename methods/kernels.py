@@ -1,11 +1,12 @@
-"""A skinny matrix product for CPU decoding: out[M, N] = x[M, K] @ W[N, K]ᵀ for M <= 16 rows.
+"""A skinny matrix product for CPU decoding: out[M, N] = x[M, K] @ W[N, K]ᵀ, 16 rows of x a pass.
 
 Decoding and verification multiply 1-16 rows by every weight matrix. BLAS libraries pack the
 weight for each such call and reach about half the memory bandwidth there (DESIGN.md §3; on the
 2-core EPYC a 2-row LM-head product costs twice a 1-row one). This kernel streams the weight once,
 in its row-major torch layout (no copy), and for each weight row keeps one 8-lane AVX2 accumulator
-per input row; 2-4 weight rows are handled together so each input load serves several FMAs. Rows
-beyond 8 are done in groups of 8 over the same cached weight block.
+per input row; several weight rows are handled together (8 for one input row, 2-4 for a few) so
+each input load serves several FMAs, and for two or more input rows the weight rows two blocks
+ahead are prefetched. Rows beyond 8 are done in groups of 8 over each 64 weight rows while they are in cache.
 
 Every output element is computed by the same sequence of operations whatever M is (lane-wise FMAs
 in k order, then a fixed-order lane sum), so a k-row product is bit-identical to k 1-row products:
@@ -345,17 +346,22 @@ class Product:
         self._rows = (ctypes.c_long * len(weights))(*(weight.shape[0] for weight in weights))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != self.inner or x.dtype != torch.float32
-                or x.device.type != "cpu"):
+        """x [M, K] -> [M, N_0 + N_1 + ...]; more than 16 rows take one pass per 16 (each row is
+        computed exactly as it would be alone)."""
+        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != self.inner or x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"unsupported input for the kernel: {tuple(x.shape)} {x.dtype} on {x.device} "
-                             f"(float32 on the CPU, 1-{MAX_ROWS} rows of {self.inner})")
+                             f"(float32 on the CPU, rows of {self.inner})")
         x = x.contiguous()
-        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        rows = x.shape[0]
+        out = torch.empty(rows, self.out_features, dtype=torch.float32)
+        row_in, row_out = 4 * self.inner, 4 * self.out_features  # bytes per row
         with _lock:  # the C side serves one caller at a time
-            code = _function(x.data_ptr(), self._pointers, self._rows, len(self.weights), out.data_ptr(),
-                             x.shape[0], self.inner, threads())
-        if code != 0:
-            raise ValueError(f"the kernel refused x {tuple(x.shape)}")
+            for first in range(0, rows, MAX_ROWS):
+                count = min(MAX_ROWS, rows - first)
+                code = _function(x.data_ptr() + first * row_in, self._pointers, self._rows, len(self.weights),
+                                 out.data_ptr() + first * row_out, count, self.inner, threads())
+                if code != 0:
+                    raise ValueError(f"the kernel refused x {tuple(x.shape)}")
         return out
 
 

@@ -32,6 +32,9 @@ MATMUL_PATHS = ("torch", "blas", "kernel")
 DEFAULT_TORCH_THREADS = torch.get_num_threads()
 # Up to this many new tokens, CPU attention is computed with plain products (_grouped_attention).
 SMALL_ATTENTION_QUERIES = 64
+# Up to this many rows the kernel path multiplies with the skinny kernel (16 rows a pass); more
+# rows (a prefill) go to OpenBLAS's GEMM, which is faster there.
+KERNEL_MAX_ROWS = 64
 
 
 @dataclass
@@ -117,9 +120,9 @@ class Linear(nn.Linear):
     - "blas": a contiguous transposed copy of the weight as a numpy array, multiplied through
       numpy/OpenBLAS (2-3x faster than torch's product for the skinny shapes of decoding on some
       CPUs); torch.from_numpy shares the result at no cost.
-    - "kernel": up to 16 rows through methods/kernels.py's skinny product on the torch weight
+    - "kernel": up to 64 rows through methods/kernels.py's skinny product on the torch weight
       itself (no copy; a k-row product is bit-identical to k 1-row ones); more rows (a prefill)
-      through torch's product on every core.
+      through OpenBLAS's GEMM on the same array.
     The torch weight stays (the transformers model shares it). Tensors that need gradients, or
     live on a GPU, always take the torch path."""
 
@@ -145,12 +148,11 @@ class Linear(nn.Linear):
         flat = x.reshape(-1, x.shape[-1])
         if self.host_path == "blas":
             out = torch.from_numpy(np.matmul(flat.numpy(), self.host_weight))
-        elif flat.shape[0] <= kernels.MAX_ROWS:
+        elif flat.shape[0] <= KERNEL_MAX_ROWS:
             self._product = _current_product(self._product, [self])
             out = self._product(flat)
         else:
-            with _all_cores():
-                out = F.linear(flat, self.weight)
+            out = torch.from_numpy(np.matmul(flat.numpy(), self.weight.detach().numpy().T))
         out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
         return out + self.bias if self.bias is not None else out
 
@@ -170,20 +172,6 @@ def _set_torch_threads(path: str) -> None:
         torch.set_num_threads(1)
     elif torch.get_num_threads() == 1 and DEFAULT_TORCH_THREADS > 1:
         torch.set_num_threads(DEFAULT_TORCH_THREADS)
-
-
-class _all_cores:
-    """Context: torch's own products on every core for a while (a prefill on the kernel path,
-    where torch otherwise runs its small operations on one thread)."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        if self.threads != DEFAULT_TORCH_THREADS:
-            torch.set_num_threads(DEFAULT_TORCH_THREADS)
-
-    def __exit__(self, *exc):
-        if self.threads != DEFAULT_TORCH_THREADS:
-            torch.set_num_threads(self.threads)
 
 
 def _needs_torch(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
@@ -226,7 +214,7 @@ class FusedProjections(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         if self.fused_path == "blas" and not _needs_torch(x, [linear.weight for linear in linears]):
             out = torch.from_numpy(np.matmul(flat.numpy(), self.fused_weight))
-        elif (self.fused_path == "kernel" and flat.shape[0] <= kernels.MAX_ROWS
+        elif (self.fused_path == "kernel" and flat.shape[0] <= KERNEL_MAX_ROWS
               and not _needs_torch(x, [linear.weight for linear in linears])):
             self._product = _current_product(self._product, linears)
             out = self._product(flat)
@@ -652,32 +640,42 @@ def _softcapped_attention(q, keys, values, mask, scale, cap):
 
 def pick_matmul_path(model: Transformer, requested: str = "auto") -> str:
     """The matrix-product path for this model on this machine: `requested`, or for "auto": torch
-    on a GPU, else the CPU path on which the LM head (the largest product) is fastest for one
-    row, among kernel (where it compiles and the model is float32), torch and BLAS. One row is
+    on a GPU, else the CPU path on which a one-row product by the LM head (the largest weight) is
+    fastest, among kernel (where it compiles and the model is float32), torch and BLAS. One row is
     the autoregressive baseline's step: the baseline runs at its fastest, so that no method's
-    speedup is inflated by a baseline slowed for the methods' sake. The kernel is timed first,
-    so that no other library's threads are still spinning while it runs. Sets the path on the
-    model and returns it."""
+    speedup is inflated by a baseline slowed for the methods' sake. The paths are timed in turn,
+    three rounds, each path's best time counted. Sets the path on the model and returns it."""
     if requested != "auto":
         path = requested
     elif model.device.type != "cpu":
         path = "torch"
     else:
-        candidates = ["torch", "blas"]
-        if model.dtype == torch.float32 and kernels.load() is not None:
-            candidates.insert(0, "kernel")
-        timings = {}
-        with torch.inference_mode():
-            x = torch.randn(1, 1, model.config.hidden_size, dtype=model.dtype)
-            for path in candidates:
-                model.lm_head.use_path(path)
-                _set_torch_threads(path)
-                best = math.inf
-                for _ in range(5):
-                    started = time.perf_counter()
-                    model.lm_head(x)
-                    best = min(best, time.perf_counter() - started)
-                timings[path] = best
-        path = min(timings, key=timings.get)
+        path = _fastest_one_row_path(model)
     model.set_matmul(path)
     return path
+
+
+def _fastest_one_row_path(model: Transformer) -> str:
+    weight = model.lm_head.weight.detach()
+    x = torch.randn(1, model.config.hidden_size, dtype=model.dtype)
+    products = {"torch": lambda: F.linear(x, weight)}
+    if weight.dtype == torch.float32 or weight.dtype == torch.float64:
+        transposed = np.ascontiguousarray(weight.numpy().T)
+        products["blas"] = lambda: np.matmul(x.numpy(), transposed)
+    if model.dtype == torch.float32 and kernels.load() is not None and kernels.accepts(weight):
+        product = kernels.Product(weight)
+        products["kernel"] = lambda: product(x)
+    best = dict.fromkeys(products, math.inf)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
+                for path, multiply in products.items():
+                    _set_torch_threads(path)
+                    for _ in range(3):
+                        started = time.perf_counter()
+                        multiply()
+                        best[path] = min(best[path], time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return min(best, key=best.get)

@@ -190,3 +190,14 @@ def test_grouped_attention_matches_sdpa(with_mask):
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
                                                                 enable_gqa=True)
     assert torch.allclose(_grouped_attention(q, keys, values, mask, 0.3), expected, rtol=0, atol=1e-12)
+
+
+def test_auto_matmul_path_is_measured_among_the_cpu_paths():
+    from methods.runtime import MATMUL_PATHS, pick_matmul_path
+    runtime = tiny("tiny-llama-random", "float32").runtime
+    try:
+        path = pick_matmul_path(runtime, "auto")
+        assert path in MATMUL_PATHS and runtime.matmul == path
+        assert pick_matmul_path(runtime, "torch") == "torch" and runtime.lm_head.host_path is None
+    finally:
+        runtime.set_matmul("torch")
