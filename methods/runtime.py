@@ -33,8 +33,9 @@ DEFAULT_TORCH_THREADS = torch.get_num_threads()
 # Up to this many new tokens, CPU attention is computed with plain products (_grouped_attention).
 SMALL_ATTENTION_QUERIES = 64
 # Up to this many rows the kernel path multiplies with the skinny kernel (16 rows a pass); more
-# rows (a prefill) go to OpenBLAS's GEMM, which is faster there.
-KERNEL_MAX_ROWS = 64
+# rows (a prefill, a 64-node tree) go to OpenBLAS's GEMM, which is faster there (a forward over 64
+# tokens on the 2-core EPYC: 601 ms through the kernel, 485 ms through OpenBLAS; over 32: 336 and 366).
+KERNEL_MAX_ROWS = 32
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Linear(nn.Linear):
     - "blas": a contiguous transposed copy of the weight as a numpy array, multiplied through
       numpy/OpenBLAS (2-3x faster than torch's product for the skinny shapes of decoding on some
       CPUs); torch.from_numpy shares the result at no cost.
-    - "kernel": up to 64 rows through methods/kernels.py's skinny product on the torch weight
+    - "kernel": up to 32 rows through methods/kernels.py's skinny product on the torch weight
       itself (no copy; a k-row product is bit-identical to k 1-row ones); more rows (a prefill)
       through OpenBLAS's GEMM on the same array.
     The torch weight stays (the transformers model shares it). Tensors that need gradients, or
