@@ -5,8 +5,9 @@ weight for each such call and reach about half the memory bandwidth there (DESIG
 2-core EPYC a 2-row LM-head product costs twice a 1-row one). This kernel streams the weight once,
 in its row-major torch layout (no copy), and for each weight row keeps one 8-lane AVX2 accumulator
 per input row; several weight rows are handled together (8 for one input row, 2-4 for a few) so
-each input load serves several FMAs, and for two or more input rows the weight rows two blocks
-ahead are prefetched. Rows beyond 8 are done in groups of 8 over each 64 weight rows while they are in cache.
+each input load serves several FMAs, and the weight rows one block ahead (two for several input
+rows) are prefetched. Input rows beyond 8 take another pass over each 64 weight rows while those
+are in cache, and beyond 16 another call.
 
 Every output element is computed by the same sequence of operations whatever M is (lane-wise FMAs
 in k order, then a fixed-order lane sum), so a k-row product is bit-identical to k 1-row products:
@@ -15,7 +16,8 @@ verifying k tokens gives exactly the numbers that decoding them one by one would
 Threads: the kernel has its own small pool (pthreads, not OpenMP). Workers spin for 0.2 ms after
 a product, which covers the gaps between the products of one decoding step, then sleep, so an
 idle process costs nothing and no pool spins against another library's (OpenMP or OpenBLAS pools
-that spin on a 2-core machine slow every product by a scheduler time slice).
+that spin on a 2-core machine slow every product by a scheduler time slice). The environment
+variable SPEC_BENCH_KERNEL_SPIN_NS sets the spin in nanoseconds (default 200000).
 
 The C source below is compiled once per machine with the system C compiler (`cc -O3
 -march=native -pthread`) into the cache, and called through ctypes, which releases the GIL. On a
@@ -100,9 +102,9 @@ static void rows_range(const float *x, const float *w, float *out, long M, long 
 
 #define MAX_WORKERS 255
 #define MAX_WEIGHTS 8
-/* One product: x against `count` weights side by side (out [M, N], N the sum of their rows). Chunk
-   c covers rows [first[c], first[c] + length) of weight weight_of[c]; chunks never straddle two
-   weights. */
+/* One product: x against `count` weights side by side (out [M, N], N the sum of their rows). The
+   chunks of weight s are numbered from first_chunk[s]; each covers `chunk` of its rows (fewer at
+   its end), so no chunk straddles two weights. */
 static struct {
     const float *x, *w[MAX_WEIGHTS];
     float *out;
@@ -324,9 +326,9 @@ def accepts(weight: torch.Tensor) -> bool:
 
 
 class Product:
-    """x [M, K] @ [w_0; w_1; ...]ᵀ -> [M, N_0 + N_1 + ...] through the kernel, for 1-16 rows: one
-    call streams several weights that take the same input (q/k/v, gate/up) without copying them
-    side by side. The weights must be float32, contiguous, on the CPU, with K a multiple of 8; the
+    """x [M, K] @ [w_0; w_1; ...]ᵀ -> [M, N_0 + N_1 + ...] through the kernel: one call streams
+    several weights that take the same input (q/k/v, gate/up) without copying them side by side.
+    The weights must be float32, contiguous, on the CPU, with K a multiple of 8; the
     product keeps references to them."""
 
     def __init__(self, *weights: torch.Tensor):
@@ -348,7 +350,8 @@ class Product:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N_0 + N_1 + ...]; more than 16 rows take one pass per 16 (each row is
         computed exactly as it would be alone)."""
-        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != self.inner or x.dtype != torch.float32 or x.device.type != "cpu":
+        if (x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != self.inner or x.dtype != torch.float32
+                or x.device.type != "cpu"):
             raise ValueError(f"unsupported input for the kernel: {tuple(x.shape)} {x.dtype} on {x.device} "
                              f"(float32 on the CPU, rows of {self.inner})")
         x = x.contiguous()
