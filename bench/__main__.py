@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", help="auto, float32, float16, bfloat16 or float64 [auto: float32 on CPU; "
                      "float16 on CUDA, bfloat16 for Gemma3]")
     run.add_argument("--matmul", help="matrix-product path on CPU: torch; blas (numpy/OpenBLAS on transposed weights); kernel (the "
-                     "harness's skinny AVX2 product for up to 16 rows, compiled once with the system C compiler; "
-                     "k-row products bit-identical to 1-row ones); auto (the fastest of kernel, torch and blas on "
-                     "the LM head, measured at load) [auto]")
+                     "harness's skinny AVX2 product for up to 32 rows, compiled once with the system C compiler; "
+                     "k-row products bit-identical to 1-row ones); auto (the fastest of kernel, torch and blas for "
+                     "one row of the LM head, measured at load) [auto]")
     run.add_argument("--method-args", nargs="+", metavar="NAME:key=value,...",
                      help="default options for every spec of NAME")
     run.add_argument("--template", help="chat template for a model outside the catalog: question_answer or vicuna_v1.1")
