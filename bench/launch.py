@@ -226,6 +226,11 @@ def connect(ray, address: str | None) -> bool:
     return True
 
 
+def _largest_node(ray, resource: str) -> float:
+    """The most of `resource` ("GPU", "CPU") that one live node of the cluster has."""
+    return max((node.get("Resources", {}).get(resource, 0) for node in ray.nodes() if node.get("Alive")), default=0)
+
+
 def cell_resources(ray, device: str, cpus_per_cell: float, gpus_per_cell: int = 1) -> tuple[dict, str]:
     """Ray resources of one cell and the device its worker loads the model on: `gpus_per_cell`
     GPUs where the run is on CUDA (`auto` with GPUs in the cluster), else `cpus_per_cell` cores."""
@@ -234,13 +239,12 @@ def cell_resources(ray, device: str, cpus_per_cell: float, gpus_per_cell: int = 
         if gpus < 1:
             raise UserError("--device cuda, but the Ray cluster has no GPU; start its nodes on GPU machines "
                             "or use --device cpu")
-        largest = max((node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")),
-                      default=0)
+        largest = _largest_node(ray, "GPU")
         if gpus_per_cell > largest:
             raise UserError(f"--gpus-per-cell {gpus_per_cell}: no node of the Ray cluster has that many GPUs "
                             f"(the largest has {largest:g}); a cell's GPUs are on one machine")
         return {"num_gpus": gpus_per_cell, "num_cpus": 1}, "cuda"
-    largest = max((node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    largest = _largest_node(ray, "CPU")
     if cpus_per_cell > largest:
         raise UserError(f"--cpus-per-cell {cpus_per_cell:g}: no node of the Ray cluster has that many CPUs "
                         f"(the largest has {largest:g})")

@@ -325,8 +325,8 @@ def plan_layer_devices(layer_bytes: list[int], home_bytes: int, free_bytes: list
         devices, filled, used = [], 0, [0] * count
         for size in layer_bytes:
             middle = filled + size / 2
+            # bounds and middles both increase, so the layers stay in order
             device = next((i for i, bound in enumerate(bounds) if middle <= bound), count - 1)
-            device = max(device, devices[-1] if devices else 0)  # layers stay in order
             devices.append(device)
             used[device] += size
             filled += size

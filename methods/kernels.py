@@ -109,7 +109,6 @@ static struct {
     const float *x, *w[MAX_WEIGHTS];
     float *out;
     long M, N, K, rows[MAX_WEIGHTS], offset[MAX_WEIGHTS], chunk, chunks, first_chunk[MAX_WEIGHTS + 1];
-    int count;
 } job;
 static _Atomic unsigned long long ticket;
 static atomic_long done;
@@ -209,7 +208,7 @@ int skinny_matmul(const float *x, const float *const *w, const long *rows, int c
     long per_thread = (N + threads - 1) / threads;
     long chunk = (per_thread + 7) / 8;  /* about 8 chunks per thread, */
     chunk = (chunk + 63) / 64 * 64;     /* whole blocks of 64 rows */
-    job.x = x; job.out = out; job.M = M; job.N = N; job.K = K; job.chunk = chunk; job.count = count;
+    job.x = x; job.out = out; job.M = M; job.N = N; job.K = K; job.chunk = chunk;
     job.first_chunk[0] = 0;
     for (int s = 0; s < count; s++) {
         job.w[s] = w[s];

@@ -91,13 +91,14 @@ class RMSNorm(nn.Module):
         self.plus_one = plus_one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not (
-                torch.is_grad_enabled() and self.weight.requires_grad):
-            # The same numbers in fewer operations (decoding runs over a hundred norms a step):
-            # no casts, and Gemma's 1 + w computed once per weight version.
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self._scale()
-        x32 = x.to(torch.float32)
+        # In float32 without weight gradients, the same numbers in fewer operations (decoding runs
+        # over a hundred norms a step): no casts, and Gemma's 1 + w computed once per weight version.
+        fast = x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not (
+            torch.is_grad_enabled() and self.weight.requires_grad)
+        x32 = x if fast else x.to(torch.float32)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if fast:
+            return normed * self._scale()
         if self.plus_one:
             return (normed * (1.0 + self.weight.float())).type_as(x)
         return self.weight * normed.to(x.dtype)
@@ -213,14 +214,14 @@ class FusedProjections(nn.Module):
         """Each fused layer applied to x [..., in]."""
         linears = [getattr(self, name) for name in self.fused_names]
         flat = x.reshape(-1, x.shape[-1])
-        if self.fused_path == "blas" and not _needs_torch(x, [linear.weight for linear in linears]):
+        if (self.fused_path is None or _needs_torch(x, [linear.weight for linear in linears])
+                or (self.fused_path == "kernel" and flat.shape[0] > KERNEL_MAX_ROWS)):
+            return tuple(linear(x) for linear in linears)
+        if self.fused_path == "blas":
             out = torch.from_numpy(np.matmul(flat.numpy(), self.fused_weight))
-        elif (self.fused_path == "kernel" and flat.shape[0] <= KERNEL_MAX_ROWS
-              and not _needs_torch(x, [linear.weight for linear in linears])):
+        else:
             self._product = _current_product(self._product, linears)
             out = self._product(flat)
-        else:
-            return tuple(linear(x) for linear in linears)
         out = out.view(*x.shape[:-1], out.shape[-1])
         if self.fused_bias is not None:
             out = out + self.fused_bias
