@@ -25,6 +25,10 @@ GPU_CHECK_LOCAL = import sys, torch; sys.exit(0 if torch.cuda.is_available() and
 GPU_CHECK_RAY = import sys, ray; ray.init(address='$(RAY_ADDRESS)', logging_level='ERROR'); \
   sys.exit(0 if ray.cluster_resources().get('GPU', 0) and '$(DEVICE)' != 'cpu' else 1)
 GPU_CHECK = $(if $(and $(filter ray,$(LAUNCHER)),$(RAY_ADDRESS)),$(GPU_CHECK_RAY),$(GPU_CHECK_LOCAL))
+# A GPU that nvidia-smi sees but torch cannot use stops `make bench` with the reason and the fix
+# (DEVICE=cpu runs on the CPU on purpose).
+UNUSABLE_GPU = import sys; from bench.device import unusable_gpu_problem; problem = unusable_gpu_problem(); \
+  sys.exit('error: ' + problem if problem and '$(DEVICE)' != 'cpu' else 0)
 # The pinned question file; without it the runner downloads it once (or says how to provide it).
 QUESTIONS ?= $(or $(SPEC_BENCH_QUESTIONS),$(wildcard ../shared/spec_bench/question.jsonl))
 # Quick CPU profile: a few questions per group and short answers (about 15 minutes on 2 cores).
@@ -43,7 +47,7 @@ REGRESS_METHODS := vanilla,pld,kangaroo,kangaroo+draft_vocab=32768,medusa
 # τ, losslessness and the schema are checked tightly (README, "Comparing runs").
 REGRESS_TOLERANCE ?= tau=0.01,speedup=0.5
 
-.PHONY: bench test regress regress-baseline reference train install constraints clean-venv help
+.PHONY: bench test regress regress-baseline reference train install constraints clean-venv help gpu-check
 
 help:
 	@echo "make bench [MODEL=gemma-3-270m] [METHODS=a,b] [LIMIT=N] [MAX_NEW_TOKENS=N] [RUNS=R] [OUT=DIR]"
@@ -52,6 +56,7 @@ help:
 	@echo "make regress       # a 5-minute sweep compared with results/regress (exit 1 on a regression)"
 	@echo "make reference     # rerun the committed results/reference (about 85 minutes on 2 cores)"
 	@echo "make train MODEL=gemma-3-270m METHOD=kangaroo|medusa [TRAIN_MINUTES=50]"
+	@echo "make gpu-check [DEVICE=cpu] [OUT=DIR]   # GPU self-test on the system python (no install)"
 	@echo "make constraints   # re-pin constraints.txt from the current .venv after a deliberate upgrade"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -63,6 +68,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 bench: $(STAMP)
+	@$(PY) -c "$(UNUSABLE_GPU)"
 	@if $(PY) -c "$(GPU_CHECK)"; then \
 	  limit="$(LIMIT)"; tokens="$(or $(MAX_NEW_TOKENS),1024)"; profile=full; \
 	  echo "GPU found: full Spec-Bench settings ($${limit:-all} questions per group, $$tokens new tokens, the family's GPU dtype)"; \
@@ -104,6 +110,12 @@ reference: $(STAMP)
 	  --device cpu --dtype float32 --matmul blas --out $(REFERENCE_OUT) --no-report $(if $(QUESTIONS),--questions $(QUESTIONS))
 	$(PY) -m bench profile --model gemma-3-270m --device cpu --matmul blas --out $(REFERENCE_OUT)
 	$(PY) -m bench report $(REFERENCE_OUT)
+
+# The GPU self-test (README, "Checking a GPU box"): the system's own python, torch and transformers,
+# no virtualenv and no install, so it runs from a plain checkout on an offline cluster node.
+# DEVICE=cpu runs the dry run on the tiny models.
+gpu-check:
+	$(PYTHON_SYSTEM) -m bench gpu-check $(if $(filter cpu,$(DEVICE)),--device cpu) $(if $(OUT),--out $(OUT))
 
 train: $(STAMP)
 	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo or METHOD=medusa"; exit 2; }

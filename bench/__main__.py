@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from bench.errors import UserError
@@ -127,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--ignore-config", action="store_true",
                          help="compare even when the configs differ (the differences are printed)")
 
+    gpu = commands.add_parser(
+        "gpu-check", help="self-test on a GPU box: lossless suite in float16/bfloat16, rounding, 7B step costs",
+        description="Runs on the system's own torch and transformers (no install, no download): the lossless "
+        "suite of every method on the tiny models of every family in float16 and bfloat16 (planted bugs must be "
+        "caught), the k-row vs one-row rounding against the near-tie tolerance, and the step-cost profile of a "
+        "random-weight vicuna-7b-shaped model in float16 against the HBM floor. Writes DIR/gpu_check.md. "
+        "Exit 0: passed (or no GPU, which it says); 1: a check failed; 2: a GPU that torch cannot use.")
+    gpu.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for a dry run on the tiny models [cuda]")
+    gpu.add_argument("--out", help="report directory [runs/gpu-check]")
+    gpu.add_argument("--prompts", type=int, default=10, help="prompts per model in the lossless suite (planted "
+                     "bugs must be caught on 90%% of them) [10]")
+    gpu.add_argument("--families", default="llama,qwen2,gemma3", help="tiny model families to check [all three]")
+    gpu.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt [32]")
+    gpu.add_argument("--no-profile", action="store_true", help="skip the step-cost profile")
+
     report = commands.add_parser("report", help="write summary.csv/.md/.tex and figures/ for a run directory")
     report.add_argument("run_dir")
     return parser
@@ -207,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[profile] {model.alias} on {model.runtime.device.type}/{model.runtime.dtype}, matmul {path}",
                   file=sys.stderr)
             print(write_profile(model, Path(args.out or f"runs/{model.alias}-profile")))
+        elif args.command == "gpu-check":
+            missing = [name for name in ("torch", "transformers", "numpy") if importlib.util.find_spec(name) is None]
+            if missing:
+                raise UserError(f"gpu-check runs on this python's own packages ({sys.executable}), which lacks "
+                                f"{', '.join(missing)}: run it with the python that has torch and transformers "
+                                f"(make gpu-check PYTHON_SYSTEM=/path/to/python), or with .venv/bin/python")
+            from bench.gpu_check import gpu_check
+            return gpu_check(args.device, args.out, args.prompts, args.new_tokens, not args.no_profile,
+                             [f.strip() for f in args.families.split(",") if f.strip()])
         elif args.command == "compare":
             from bench.compare import compare_command
             return compare_command(args.baseline, args.new, args.tolerance, args.strict, args.ignore_config)

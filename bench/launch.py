@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from bench.errors import UserError
-from bench.runner import (Plan, RunSettings, build_config, config_hash, hardware, load_run_model, model_facts,
+from bench.device import hardware
+from bench.runner import (Plan, RunSettings, build_config, config_hash, load_run_model, model_facts,
                           plan_run, prepare_out_dir, read_answers, resumed_matmul, run_methods, write_answers,
                           write_atomic)
 from methods.runtime import pick_matmul_path

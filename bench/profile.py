@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.models import LoadedModel
-from bench.runner import sync
+from bench.device import sync
 
 K_VALUES = (1, 2, 4, 8, 16, 32, 64)
 MEDUSA_TREES = ("chain_2", "chain_4", "small_7", "medium_15", "mc_sim_7b_63")
@@ -208,14 +208,19 @@ def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repea
     return rows, summary
 
 
-def write_profile(model: LoadedModel, out: Path, **options) -> Path:
-    rows, summary = profile_rows(model, **options)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "profile.csv"
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """profile.csv: component,k,context,ms_min,ms_median."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_profile(model: LoadedModel, out: Path, **options) -> Path:
+    rows, summary = profile_rows(model, **options)
+    path = write_rows(rows, out / "profile.csv")
     summary["model"] = model.alias
     (out / "profile.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_profile(path, out / "figures" / "profile.png", title=f"{model.alias} on {summary['device']}/"

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -27,14 +26,15 @@ from tqdm import tqdm
 
 import methods
 from bench import data
+from bench.device import hardware, peak_memory_bytes, reset_peak_memory, sync, unusable_gpu_problem
 from bench.errors import UserError
+from bench.lossless import classify
 from bench.models import LoadedModel, load_model
 from bench.specs import MethodSpec, parse_method_args, parse_method_specs, resolve
 from methods import MissingCheckpoint
 from methods.runtime import MATMUL_PATHS, pick_matmul_path
 
 DEFAULT_METHODS = "vanilla,hf-generate,pld,kangaroo,kangaroo+draft_vocab=32768,medusa"
-NEAR_TIE_RELATIVE_GAP = 1e-4  # top-2 logit gap below this (relative to |top-1|, at least 1) is a near tie
 PACKAGES = ("torch", "transformers", "numpy", "pandas", "safetensors", "tokenizers", "gguf", "accelerate")
 
 
@@ -83,23 +83,6 @@ def environment() -> dict:
         commit, dirty = "unknown", False
     return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
             "packages": packages, "hardware": hardware(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-    info["name"] = info.get("gpu", cpu)
-    return info
 
 
 def prepare_out_dir(out: Path, config: dict) -> dict:
@@ -160,11 +143,6 @@ def write_answers(path: Path, records: dict[int, dict]) -> None:
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: int, run_index: int) -> dict:
     """One choice of the answer schema: every turn, generated and timed."""
     answers, choice = [], {"index": run_index, "turns": [], "decoding_steps": [], "new_tokens": [],
@@ -173,6 +151,7 @@ def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: 
     device, stops = model.runtime.device, set(model.stop_ids)
     for turn in range(len(question["turns"])):
         prompt_ids = model.prompt_ids(question["turns"][:turn + 1], answers)
+        warn_past_positions(model, question, turn, len(prompt_ids), max_new_tokens)
         sync(device)
         started = time.perf_counter()
         generation = method.generate(prompt_ids, max_new_tokens, model.stop_ids)
@@ -191,27 +170,6 @@ def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: 
     return choice
 
 
-@torch.inference_mode()
-def classify(model: LoadedModel, question: dict, reference: dict, choice: dict) -> str:
-    """identical / near_tie / diverged against vanilla's choice (DESIGN.md §4). At the first token
-    where the two part ways, the prompt plus vanilla's tokens up to there is re-run; if vanilla's
-    top-2 logits there are within NEAR_TIE_RELATIVE_GAP the parting is a legitimate near tie."""
-    for turn, (expected, got) in enumerate(zip(reference["output_ids"], choice["output_ids"])):
-        if expected == got:
-            continue
-        index = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
-        if index >= len(expected) or index >= len(got):
-            return "diverged"
-        prefix = model.prompt_ids(question["turns"][:turn + 1], reference["turns"][:turn]) + expected[:index]
-        runtime = model.runtime
-        logits = runtime.forward(torch.tensor([prefix], device=runtime.device),
-                                 runtime.new_cache(len(prefix)), 0, last_only=True)[0, -1].double()
-        top = torch.topk(logits, 2).values
-        gap = float(top[0] - top[1])
-        return "near_tie" if gap < NEAR_TIE_RELATIVE_GAP * max(1.0, abs(float(top[0]))) else "diverged"
-    return "identical"
-
-
 # ---- the sweep ---------------------------------------------------------------------------------
 def build_method(spec: MethodSpec, options: dict, model: LoadedModel):
     try:
@@ -220,20 +178,6 @@ def build_method(spec: MethodSpec, options: dict, model: LoadedModel):
         raise
     except (ValueError, FileNotFoundError) as error:
         raise UserError(f"method {spec.label}: {error}") from None
-
-
-def model_devices(runtime) -> list[torch.device]:
-    """The devices a model occupies: its own, and those of its layers when split (place_layers)."""
-    return list(dict.fromkeys([runtime.device] + list(runtime.layer_devices or [])))
-
-
-def peak_memory_bytes(runtime) -> int:
-    """Peak allocated memory since the last reset: summed over the GPUs of a split model; on the
-    CPU, the process's peak RSS."""
-    devices = model_devices(runtime)
-    if devices[0].type == "cuda":
-        return sum(int(torch.cuda.max_memory_allocated(device)) for device in devices)
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (Linux: KiB)
 
 
 @dataclass
@@ -275,6 +219,9 @@ def plan_run(settings: RunSettings) -> Plan:
 
 
 def load_run_model(settings: RunSettings) -> LoadedModel:
+    problem = unusable_gpu_problem() if settings.device != "cpu" else None
+    if problem:
+        raise UserError(problem)
     model = load_model(settings.model, settings.device, settings.dtype, settings.template, settings.device_map)
     if settings.matmul in ("blas", "kernel") and model.runtime.device.type != "cpu":
         raise UserError(f"--matmul {settings.matmul} is a CPU path; use auto or torch on a GPU")
@@ -341,56 +288,76 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
     """Every method of the plan, vanilla first, over `questions`: answers into out/answers/, the
     methods' statuses and overheads into `stats` (saved as out/method_stats.json after each method),
     checkpoints and effective options into config["methods"]. Returns `stats`. A launcher runs this
-    on a subset of the questions (a cell) with its own `out`."""
+    on a subset of the questions (a cell) with its own `out`.
+
+    A variant that resolves to the same method as an earlier one on this model (e.g.
+    `kangaroo+draft_vocab=32768` on a 32,000-token vocabulary) is skipped with a note, not timed twice."""
     stats_path = out / "method_stats.json"
     (out / "answers").mkdir(parents=True, exist_ok=True)
     reference: dict[int, dict] = {}
+    resolved: dict[str, str] = {}  # the effective (name, options, checkpoints) of each label run, as JSON
+
+    def skip(spec: MethodSpec, reason: str) -> None:
+        print(f"[run] skipping {spec.label}: {reason}", file=sys.stderr)
+        stats[spec.label] = {"name": spec.name, "status": "skipped", "reason": reason, "trained_params": 0,
+                             "extra_memory_bytes": 0, "peak_memory_bytes": None}
+        write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
+
     for spec in plan.specs:
         try:
             method = build_method(spec, plan.options[spec.label], model)
         except MissingCheckpoint as error:
             if plan.explicit:
                 raise UserError(f"method {spec.label}: {error}") from None
-            print(f"[run] skipping {spec.label}: {error}", file=sys.stderr)
-            stats[spec.label] = {"name": spec.name, "status": "skipped", "reason": str(error), "trained_params": 0,
-                                 "extra_memory_bytes": 0, "peak_memory_bytes": None}
-            write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
+            skip(spec, str(error))
             continue
-        previous = config["methods"][spec.label].get("checkpoints") or {}
         loaded = getattr(method, "checkpoints", {})
+        identity = json.dumps([spec.name, method.settings, sorted(loaded.values())], sort_keys=True, default=str)
+        twin = next((label for label, other in resolved.items() if other == identity), None)
+        if twin is not None:
+            skip(spec, f"the same method as {twin} on this model (effective options "
+                       f"{json.dumps(method.settings, default=str)}): not timed twice")
+            del method
+            continue
+        resolved[spec.label] = identity
+        previous = config["methods"][spec.label].get("checkpoints") or {}
         if previous and loaded and sorted(previous.values()) != sorted(loaded.values()):
             raise UserError(f"{out} was run with other checkpoint files for {spec.label} than the ones loaded now "
                             f"({', '.join(loaded)}); pass another --out to start a new run")
-        records = run_method(model, method, spec, questions, settings, out, reference)
+        records, peak = run_method(model, method, spec, questions, settings, out)
+        overhead = method.overhead()
+        del method  # its caches go before the lossless check allocates its own
+        classify_records(model, spec, questions, records, reference, out)
         if spec.label == "vanilla":
             reference = records
-        overhead = method.overhead()
-        config["methods"][spec.label]["checkpoints"] = getattr(method, "checkpoints", {})
+        config["methods"][spec.label]["checkpoints"] = loaded
         # what the method made of its options (e.g. an exit layer taken from its checkpoint)
-        config["methods"][spec.label]["effective_options"] = dict(method.settings)
+        config["methods"][spec.label]["effective_options"] = json.loads(identity)[1]
+        if peak is None:  # nothing ran now (a resumed run): keep the figure measured before
+            peak = stats.get(spec.label, {}).get("peak_memory_bytes")
         stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None,
                              "trained_params": overhead.trained_params,
                              "extra_memory_bytes": overhead.extra_memory_bytes,
-                             "peak_memory_bytes": peak_memory_bytes(model.runtime)}
+                             "peak_memory_bytes": peak}
         write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
-        del method
     return stats
 
 
 def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dict], settings: RunSettings,
-               out: Path, reference: dict[int, dict]) -> dict[int, dict]:
+               out: Path) -> tuple[dict[int, dict], int | None]:
+    """Generate (or resume) the answers of one method: (records by question id, the method's peak
+    memory over its warm-up and questions, or None when no question was left to run)."""
     path = out / "answers" / f"{spec.file_name}.jsonl"
     records = read_answers(path)
     todo = [q for q in questions if "error" in records.get(q["question_id"], {"error": None})]
-    if model.runtime.device.type == "cuda":
-        for device in model_devices(model.runtime):
-            torch.cuda.reset_peak_memory_stats(device)
-    if todo:
-        first = questions[0]  # warm-up, untimed; a failure here shows again, recorded, on that question
-        try:
-            method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids)
-        except Exception as error:  # noqa: BLE001
-            print(f"[run] {spec.label} warm-up failed: {type(error).__name__}: {error}", file=sys.stderr)
+    if not todo:
+        return records, None
+    reset_peak_memory(model.runtime)  # the window covers this method alone (bench/device.py)
+    first = questions[0]  # warm-up, untimed; a failure here shows again, recorded, on that question
+    try:
+        method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids)
+    except Exception as error:  # noqa: BLE001
+        print(f"[run] {spec.label} warm-up failed: {type(error).__name__}: {error}", file=sys.stderr)
     progress = tqdm(todo, desc=f"{spec.label:>16}", unit="q", file=sys.stderr, dynamic_ncols=True)
     for question in progress:
         qid = question["question_id"]
@@ -399,14 +366,7 @@ def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dic
                   "model_id": spec.label, "choices": [], "tstamp": time.time()}
         try:
             for run_index in range(settings.runs):
-                choice = answer_question(model, method, question, settings.max_new_tokens, run_index)
-                if spec.label == "vanilla":
-                    choice["lossless"] = "identical"
-                elif qid in reference and reference[qid].get("choices"):
-                    vanilla_choices = reference[qid]["choices"]
-                    vanilla_choice = vanilla_choices[min(run_index, len(vanilla_choices) - 1)]
-                    choice["lossless"] = classify(model, question, vanilla_choice, choice)
-                record["choices"].append(choice)
+                record["choices"].append(answer_question(model, method, question, settings.max_new_tokens, run_index))
             tokens = sum(sum(c["new_tokens"]) for c in record["choices"])
             seconds = sum(sum(c["wall_time"]) for c in record["choices"])
             progress.set_postfix(tok_s=f"{tokens / seconds:.1f}")
@@ -422,7 +382,46 @@ def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dic
         record["tstamp"] = time.time()
         records[qid] = record
         write_answers(path, records)
-    return records
+    return records, peak_memory_bytes(model.runtime)
+
+
+def classify_records(model: LoadedModel, spec: MethodSpec, questions: list[dict], records: dict[int, dict],
+                     reference: dict[int, dict], out: Path) -> None:
+    """Label every choice that has no lossless verdict yet against vanilla's choice of the same run
+    index (bench/lossless.py), after the method's timed and memory-measured window, and save them."""
+    by_id = {q["question_id"]: q for q in questions}
+    changed = False
+    for qid, record in records.items():
+        for choice in record.get("choices", []):
+            if "lossless" in choice:
+                continue
+            if spec.label == "vanilla":
+                choice["lossless"] = "identical"
+            elif qid in by_id and reference.get(qid, {}).get("choices"):
+                vanilla_choices = reference[qid]["choices"]
+                vanilla_choice = vanilla_choices[min(choice["index"], len(vanilla_choices) - 1)]
+                choice["lossless"] = classify(model, by_id[qid], vanilla_choice, choice)
+            else:
+                continue
+            changed = True
+    if changed:
+        write_answers(out / "answers" / f"{spec.file_name}.jsonl", records)
+
+
+_WARNED_POSITIONS: set[tuple] = set()
+
+
+def warn_past_positions(model: LoadedModel, question: dict, turn: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Warn once per question and turn when the prompt plus the new tokens exceed the positions the
+    model was trained for (MT-bench's turn 2 on a 2,048-position model can)."""
+    limit = model.runtime.config.max_positions
+    key = (model.alias, question["question_id"], turn)
+    if not limit or prompt_tokens + max_new_tokens <= limit or key in _WARNED_POSITIONS:
+        return
+    _WARNED_POSITIONS.add(key)
+    print(f"[run] warning: question {question['question_id']} turn {turn + 1}: {prompt_tokens} prompt tokens + "
+          f"{max_new_tokens} new ones exceed {model.alias}'s {limit} positions; tokens past position {limit} are "
+          f"outside what the model was trained for (a smaller --max-new-tokens avoids it)", file=sys.stderr)
 
 
 def settings_from_config(path: str) -> dict:

@@ -266,7 +266,7 @@ def tune(model: LoadedModel, method: str, folder: Path, prompt_count: int = 6, m
 
 
 def _hardware_name() -> str:
-    from bench.runner import hardware
+    from bench.device import hardware
     return hardware()["name"]
 
 

@@ -84,6 +84,7 @@ class Method:
     def cache(self, needed: int):
         """The method's KV cache, reallocated (rounded up to 256 slots) only when too small."""
         if self._cache is None or self._cache.max_len < needed:
+            self._cache = None  # freed before the larger one is allocated: never both at once
             self._cache = self.model.new_cache(-(-needed // 256) * 256)
         return self._cache
 

@@ -23,7 +23,7 @@ from torch import nn
 from methods import Generation, Method, MissingCheckpoint, Option, Overhead, greedy, register
 from methods import checkpoints
 from methods.pld import longest_accepted_prefix
-from methods.runtime import DecoderLayer, KVCache, Linear, RMSNorm, Transformer, set_matmul_path
+from methods.runtime import DecoderLayer, KVCache, Linear, RMSNorm, Transformer, module_bytes, set_matmul_path
 
 PUBLISHED_HINT = ("Pass an adapter folder with --method-args kangaroo:adapter=PATH or KANGAROO_ADAPTER=PATH (the "
                   "published Vicuna-7B adapter, Equationliu/Kangaroo: config.json + pytorch_model.bin, has no hub "
@@ -139,19 +139,22 @@ class Kangaroo(Method):
         self.adapter.requires_grad_(False).eval()
         set_matmul_path(self.adapter, model.matmul)
         self.head, self.head_ids = draft_head(model, ranking, self.settings["draft_vocab"])
+        if self.head_ids is None:
+            self.settings["draft_vocab"] = 0  # a draft vocabulary as large as the model's is the full one
         self._adapter_cache: KVCache | None = None
 
     def overhead(self) -> Overhead:
         params = sum(p.numel() for p in self.adapter.parameters())
-        extra = params * self.model.dtype.itemsize
+        extra = module_bytes(self.adapter)
         if self.head_ids is not None:
-            extra += self.head.weight.numel() * self.head.weight.element_size()
+            extra += module_bytes(self.head)
         if self._adapter_cache is not None:
             extra += self._adapter_cache.nbytes
         return Overhead(trained_params=params, extra_memory_bytes=extra)
 
     def adapter_cache(self, needed: int) -> KVCache:
         if self._adapter_cache is None or self._adapter_cache.max_len < needed:
+            self._adapter_cache = None  # freed before the larger one is allocated
             self._adapter_cache = self.model.new_cache(-(-needed // 256) * 256, num_layers=1)
         return self._adapter_cache
 

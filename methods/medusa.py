@@ -22,7 +22,7 @@ from torch import nn
 from methods import Generation, Method, MissingCheckpoint, Option, Overhead, greedy, register
 from methods import checkpoints
 from methods.kangaroo import draft_head, random_fallback_allowed
-from methods.runtime import Linear, Transformer, set_matmul_path
+from methods.runtime import Linear, Transformer, module_bytes, set_matmul_path
 
 TREES = Path(__file__).resolve().parent / "trees"
 PUBLISHED = {"vicuna-7b": "FasterDecoding/medusa-vicuna-7b-v1.3", "vicuna-13b": "FasterDecoding/medusa-vicuna-13b-v1.3",
@@ -201,12 +201,18 @@ class Medusa(Method):
             else recommended.get("draft_vocab", 0)
         paths = [p for p in read_tree(settings["tree"]) if len(p) <= len(self.heads)]
         self.tree = Tree.build(paths, model.device)
+        # only the heads the tree reaches run (and count as overhead): a 4-deep tree on the published
+        # 5-head file never computes the fifth head's 32000 x 4096 product
+        self.heads = self.heads[:self.tree.max_depth]
+        settings["num_heads"] = len(self.heads)
         self.heads.requires_grad_(False).eval()
         set_matmul_path(self.heads, model.matmul)
         if settings["draft_vocab"] and ranking is None and model.vocab_ranking is not None:
             ranking = model.vocab_ranking()
         if shared:
             self.head, self.head_ids = draft_head(model, ranking, settings["draft_vocab"])
+            if self.head_ids is None:
+                settings["draft_vocab"] = 0  # as large as the model's vocabulary: the full one
         else:
             self.head, self.head_ids = None, None
             if settings["draft_vocab"]:
@@ -214,9 +220,9 @@ class Medusa(Method):
 
     def overhead(self) -> Overhead:
         params = sum(p.numel() for p in self.heads.parameters())
-        extra = params * self.model.dtype.itemsize
+        extra = module_bytes(self.heads)
         if self.head_ids is not None:
-            extra += self.head.weight.numel() * self.head.weight.element_size()
+            extra += module_bytes(self.head)
         return Overhead(trained_params=params, extra_memory_bytes=extra)
 
     def candidates(self, normed: torch.Tensor) -> torch.Tensor:

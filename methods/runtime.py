@@ -61,6 +61,7 @@ class TransformerConfig:
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
     tie_word_embeddings: bool = False
+    max_positions: int | None = None  # positions the model was trained for (max_position_embeddings)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -176,26 +177,63 @@ def _set_torch_threads(path: str) -> None:
         torch.set_num_threads(DEFAULT_TORCH_THREADS)
 
 
+def _needs_grad(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+
+
 def _needs_torch(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
     """Gradients or a GPU: the product must go through torch."""
-    return x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+    return x.device.type != "cpu" or _needs_grad(x, weights)
 
 
 class FusedProjections(nn.Module):
     """Base of modules whose input goes through several linear layers at once (q/k/v; gate/up).
 
-    On the BLAS path the transposed weights sit side by side in one array, so one product serves
-    all of them (fewer, wider products for the 1-16 rows of decoding), and the layers' own copies
-    are dropped. On the kernel path one kernel call streams all the weights in place."""
+    - torch path (CPU or GPU): after `fuse_weights` the layers' weights sit side by side in one
+      tensor and each layer's weight is a view of it, so one product serves all of them with no
+      second copy (the transformers model sharing the weights is pointed at the same views).
+    - BLAS path: the transposed weights sit side by side in one array, so one product serves all
+      of them (fewer, wider products for the 1-16 rows of decoding).
+    - kernel path: one kernel call streams all the weights in place."""
 
     fused_names: tuple[str, ...] = ()
-    fused_path: str | None = None  # "blas" or "kernel" when the products are fused
+    fused_path: str | None = None  # "blas" or "kernel" when the host products are fused
     fused_weight: np.ndarray | None = None
     fused_bias: torch.Tensor | None = None
+    torch_weight: torch.Tensor | None = None  # [sum of out, in]: the layers' weights are views of it
+    torch_bias: torch.Tensor | None = None
+    _torch_pointers: tuple[int, ...] = ()
     _product: kernels.Product | None = None
 
+    def _linears(self) -> list["Linear"]:
+        return [getattr(self, name) for name in self.fused_names]
+
+    @torch.no_grad()
+    def fuse_weights(self) -> dict[str, torch.Tensor]:
+        """Store the layers' weights (and biases) side by side in one tensor each and make every
+        layer's parameter a view of it. Returns {local parameter name: its new tensor}, so that other
+        holders of the old tensors (a transformers model) can be pointed at the views."""
+        linears = self._linears()
+        views: dict[str, torch.Tensor] = {}
+        self.torch_weight = torch.cat([linear.weight.detach() for linear in linears])
+        biases = [linear.bias for linear in linears]
+        self.torch_bias = None
+        if all(bias is not None for bias in biases):
+            self.torch_bias = torch.cat([bias.detach() for bias in biases])
+        offset = 0
+        for name, linear in zip(self.fused_names, linears):
+            rows = slice(offset, offset + linear.out_features)
+            linear.weight = nn.Parameter(self.torch_weight[rows], requires_grad=False)
+            views[f"{name}.weight"] = linear.weight
+            if self.torch_bias is not None:
+                linear.bias = nn.Parameter(self.torch_bias[rows], requires_grad=False)
+                views[f"{name}.bias"] = linear.bias
+            offset += linear.out_features
+        self._torch_pointers = tuple(linear.weight.data_ptr() for linear in linears)
+        return views
+
     def use_path(self, path: str) -> None:
-        linears = [getattr(self, name) for name in self.fused_names]
+        linears = self._linears()
         self.fused_weight = self.fused_bias = self._product = self.fused_path = None
         for linear in linears:
             linear.use_path("torch" if path == "blas" else path)
@@ -212,19 +250,24 @@ class FusedProjections(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each fused layer applied to x [..., in]."""
-        linears = [getattr(self, name) for name in self.fused_names]
+        linears = self._linears()
+        weights = [linear.weight for linear in linears]
         flat = x.reshape(-1, x.shape[-1])
-        if (self.fused_path is None or _needs_torch(x, [linear.weight for linear in linears])
+        if (self.fused_path is None or _needs_torch(x, weights)
                 or (self.fused_path == "kernel" and flat.shape[0] > KERNEL_MAX_ROWS)):
-            return tuple(linear(x) for linear in linears)
-        if self.fused_path == "blas":
-            out = torch.from_numpy(np.matmul(flat.numpy(), self.fused_weight))
+            if self.torch_weight is None or _needs_grad(x, weights) or \
+                    self._torch_pointers != tuple(w.data_ptr() for w in weights):  # weights replaced since
+                return tuple(linear(x) for linear in linears)
+            out = F.linear(x, self.torch_weight, self.torch_bias)
         else:
-            self._product = _current_product(self._product, linears)
-            out = self._product(flat)
-        out = out.view(*x.shape[:-1], out.shape[-1])
-        if self.fused_bias is not None:
-            out = out + self.fused_bias
+            if self.fused_path == "blas":
+                out = torch.from_numpy(np.matmul(flat.numpy(), self.fused_weight))
+            else:
+                self._product = _current_product(self._product, linears)
+                out = self._product(flat)
+            out = out.view(*x.shape[:-1], out.shape[-1])
+            if self.fused_bias is not None:
+                out = out + self.fused_bias
         return out.split([linear.out_features for linear in linears], dim=-1)
 
 
@@ -347,6 +390,21 @@ def set_matmul_path(root: nn.Module, path: str) -> None:
             module.use_path(path)
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Memory a module holds: its distinct parameter storage, plus the host copies of its weights
+    that a CPU product path made (BLAS's transposed weights)."""
+    seen, total = set(), 0
+    for parameter in module.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            total += parameter.numel() * parameter.element_size()
+    for child in module.modules():
+        for copy in (getattr(child, "host_weight", None), getattr(child, "fused_weight", None)):
+            if copy is not None:
+                total += copy.nbytes
+    return total
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -426,13 +484,23 @@ class Transformer(nn.Module):
             split = any(device != home for device in devices)
         self.layer_devices = devices if split else None
 
-    def new_cache(self, max_len: int, num_layers: int | None = None) -> KVCache:
+    def fuse_projections(self) -> dict[str, torch.Tensor]:
+        """Put every layer's q/k/v and gate/up weights side by side (FusedProjections.fuse_weights)
+        so that the torch path makes one product for each group. Returns {parameter name: view}."""
+        views = {}
+        for prefix, module in self.named_modules():
+            if isinstance(module, FusedProjections):
+                views.update({f"{prefix}.{name}": view for name, view in module.fuse_weights().items()})
+        return views
+
+    def new_cache(self, max_len: int, num_layers: int | None = None, batch: int = 1) -> KVCache:
         """A KV cache for all decoder layers (laid out like them: split when they are), or for
-        `num_layers` extra blocks on the model's device (e.g. Kangaroo's adapter)."""
+        `num_layers` extra blocks on the model's device (e.g. Kangaroo's adapter); `batch` rows
+        that share their slots and positions."""
         cfg = self.config
         devices = self.layer_devices if num_layers is None else None
         return KVCache(num_layers or cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, self.dtype, self.device,
-                       devices=devices)
+                       batch=batch, devices=devices)
 
     def weight_bytes(self) -> int:
         """Bytes of distinct parameter storage (a tied LM head counts once)."""
@@ -640,26 +708,27 @@ def _softcapped_attention(q, keys, values, mask, scale, cap):
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
 
 
-def pick_matmul_path(model: Transformer, requested: str = "auto") -> str:
+def pick_matmul_path(model: Transformer, requested: str = "auto", rows: int = 1) -> str:
     """The matrix-product path for this model on this machine: `requested`, or for "auto": torch
-    on a GPU, else the CPU path on which a one-row product by the LM head (the largest weight) is
-    fastest, among kernel (where it compiles and the model is float32), torch and BLAS. One row is
-    the autoregressive baseline's step: the baseline runs at its fastest, so that no method's
-    speedup is inflated by a baseline slowed for the methods' sake. The paths are timed in turn,
-    three rounds, each path's best time counted. Sets the path on the model and returns it."""
+    on a GPU, else the CPU path on which a product of `rows` rows by the LM head (the largest
+    weight) is fastest, among kernel (where it compiles and the model is float32), torch and BLAS.
+    One row is the autoregressive baseline's step: the baseline runs at its fastest, so that no
+    method's speedup is inflated by a baseline slowed for the methods' sake (batched generation
+    asks for its batch). The paths are timed in turn, three rounds, each path's best time counted.
+    Sets the path on the model and returns it."""
     if requested != "auto":
         path = requested
     elif model.device.type != "cpu":
         path = "torch"
     else:
-        path = _fastest_one_row_path(model)
+        path = _fastest_path(model, rows)
     model.set_matmul(path)
     return path
 
 
-def _fastest_one_row_path(model: Transformer) -> str:
+def _fastest_path(model: Transformer, rows: int) -> str:
     weight = model.lm_head.weight.detach()
-    x = torch.randn(1, model.config.hidden_size, dtype=model.dtype)
+    x = torch.randn(rows, model.config.hidden_size, dtype=model.dtype)
     products = {"torch": lambda: F.linear(x, weight)}
     if weight.dtype == torch.float32 or weight.dtype == torch.float64:
         transposed = np.ascontiguousarray(weight.numpy().T)

@@ -13,6 +13,7 @@ import torch
 from bench import models
 from bench.errors import UserError
 from bench.launch import RayOptions
+from bench.tiny import tiny_hf_config
 from bench.models import hub_device_map, load_model, plan_layer_devices, resolve_device_map
 from methods import get
 from tests.conftest import PROMPTS, TINY_MODELS
@@ -73,7 +74,7 @@ def test_plan_uses_as_few_devices_as_hold_the_model():
 
 
 def test_device_map_for_transformers_splits_only_the_layers(monkeypatch):
-    config = models._tiny_hf_config("llama")
+    config = tiny_hf_config("llama")
     meta_bytes = {}  # one layer and the rest, in float32, to size two invented GPUs
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

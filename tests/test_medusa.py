@@ -155,7 +155,11 @@ def test_published_heads_are_counted_from_the_keys(tmp_path):
     ids = model.tokenizer.encode(PROMPTS[1])
     assert medusa.generate(ids, 24, []).new_ids == get("vanilla")(model.runtime).generate(ids, 24, []).new_ids
     hidden, vocab = model.runtime.config.hidden_size, model.runtime.config.vocab_size
-    assert medusa.overhead().trained_params == 5 * (hidden * hidden + hidden + vocab * hidden)  # all 5 heads held
+    # the default tree (mc_sim_7b_63) is 4 deep: the fifth head never runs and is not held or counted
+    assert medusa.settings["num_heads"] == 4 and len(medusa.heads) == 4
+    assert medusa.overhead().trained_params == 4 * (hidden * hidden + hidden + vocab * hidden)
+    chain = get("medusa")(model.runtime, heads=str(tmp_path / "published"), tree="chain_2")
+    assert chain.settings["num_heads"] == 2 and chain.overhead().trained_params == 2 * (hidden * hidden + hidden + vocab * hidden)
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -17,7 +17,8 @@ import torch
 import methods
 from bench import data, metrics, report, runner
 from bench.__main__ import main
-from bench.models import ByteTokenizer, build_prompt
+from bench.models import build_prompt
+from bench.tiny import ByteTokenizer
 from bench.runner import RunSettings
 from bench.specs import MethodSpec, label_file_name, parse_method_specs
 from methods import Option
@@ -46,21 +47,7 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("SPEC_BENCH_QUESTIONS", raising=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the tiny models gain nothing from more, and on a busy machine torch's
-    OpenMP threads spin against other work (a linear of the tiny model then takes milliseconds)."""
-    import methods.hf_generate
-    import methods.runtime
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(methods.runtime, "DEFAULT_TORCH_THREADS", 1)
-        patch.setattr(methods.hf_generate, "DEFAULT_TORCH_THREADS", 1)
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -623,3 +610,52 @@ def test_label_file_name():
     assert label_file_name("a/b c") == "a%2Fb%20c"
     assert label_file_name("Ab9+key=1.5_x-y") == "Ab9+key=1.5_x-y"
     assert label_file_name("a:b") == "a%3Ab"
+
+
+# ---- 10. GPU fidelity: twins, the lossless check's place, long prompts --------------------------
+def test_a_variant_that_resolves_to_another_is_skipped_not_timed_twice(questions, tmp_path):
+    """kangaroo+draft_vocab=32768 on a 260-token vocabulary is plain kangaroo."""
+    with pytest.warns(UserWarning, match="seeded random"):
+        out = runner.run(RunSettings(model=MODEL, methods="vanilla,kangaroo,kangaroo+draft_vocab=32768",
+                                     categories="qa", limit=1, max_new_tokens=4, questions=questions,
+                                     out=str(tmp_path / "run"), device="cpu", matmul="torch", report=False))
+    stats = json.loads((out / "method_stats.json").read_text())
+    assert stats["kangaroo"]["status"] == "ok"
+    twin = stats["kangaroo+draft_vocab=32768"]
+    assert twin["status"] == "skipped" and "the same method as kangaroo" in twin["reason"]
+    assert not (out / "answers" / "kangaroo+draft_vocab=32768.jsonl").exists()
+    write_summary(out)
+    assert summary_row(out, "kangaroo+draft_vocab=32768")["questions"] == "0"
+
+
+def test_lossless_check_runs_after_the_timed_window(questions, tmp_path, register, monkeypatch):
+    events = []
+
+    class Recorded(Vanilla):
+        def generate(self, prompt_ids, max_new_tokens, stop_ids):
+            events.append("generate")
+            return super().generate(prompt_ids, max_new_tokens, stop_ids)
+
+    def classify(*args):
+        events.append("classify")
+        return "identical"
+
+    register("test-recorded", Recorded)
+    monkeypatch.setattr(runner, "classify", classify)
+    runner.run(RunSettings(model=MODEL, methods="vanilla,test-recorded", categories="writing,qa", limit=1,
+                           max_new_tokens=4, questions=questions, out=str(tmp_path / "run"), device="cpu",
+                           matmul="torch", report=False))
+    assert events == ["generate"] * 4 + ["classify"] * 2  # warm-up, 2 + 1 turns, then both checks
+
+
+def test_a_turn_past_the_models_positions_is_warned_about_once(questions, capsys, monkeypatch):
+    from tests.conftest import tiny
+    model = tiny(MODEL)
+    question = selected(questions, "qa")[0]
+    monkeypatch.setattr(model.runtime.config, "max_positions", len(first_prompt(question)) + 2)
+    vanilla = methods.get("vanilla")(model.runtime)
+    runner.answer_question(model, vanilla, question, 4, 0)
+    runner.answer_question(model, vanilla, question, 4, 1)
+    err = capsys.readouterr().err
+    assert err.count("warning: question") == 1 and "exceed" in err and f"{len(first_prompt(question)) + 2} positions" in err
+    runner.answer_question(model, vanilla, question, 2, 0)  # fits: no warning
