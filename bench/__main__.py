@@ -94,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="float32", help="float32 (default: the drafter trains in full precision)")
 
+    distill = commands.add_parser(
+        "distill-data", help="the model's own greedy answers to ShareGPT first turns (drafter training data)",
+        description="Answers ShareGPT first turns in the model's template greedily, in batches of equal-length "
+        "prompts, and appends them to OUT/answers.jsonl.gz with OUT/provenance.json. Prompts sharing an 8-word "
+        "n-gram with a Spec-Bench turn are excluded (and recorded). Resumable: rerun the same command to continue.")
+    distill.add_argument("--model", default="gemma-3-270m", help="catalog alias or HF id [gemma-3-270m]")
+    distill.add_argument("--out", required=True, help="output folder (created; an existing one is continued)")
+    distill.add_argument("--conversations", type=int, default=8000, help="conversations to answer in all [8000]")
+    distill.add_argument("--max-new-tokens", type=int, default=192, help="new tokens per answer at most [192]")
+    distill.add_argument("--minutes", type=float, help="stop this job after N minutes (rerun to continue)")
+    distill.add_argument("--batch", type=int, default=32, help="prompts decoded together [32]")
+    distill.add_argument("--questions", help="Spec-Bench question.jsonl whose turns are excluded [the pinned file]")
+    distill.add_argument("--device", default="auto")
+    distill.add_argument("--dtype", default="auto")
+    distill.add_argument("--matmul", default="auto", help="CPU product path (auto: the fastest for --batch rows)")
+
     tune = commands.add_parser("tune", help="pick a drafter checkpoint's default options by measured throughput",
                                description="Decodes held-out ShareGPT prompts with vanilla and each option variant "
                                "(Medusa: trees; Kangaroo: threshold x steps) and records the fastest as the "
@@ -203,6 +219,24 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from bench.training import train_command
             train_command(args)
+        elif args.command == "distill-data":
+            from pathlib import Path
+
+            from bench import data
+            from bench.distill import distill
+            from bench.models import load_model
+            from methods.runtime import pick_matmul_path
+            if args.conversations <= 0 or args.max_new_tokens <= 0 or args.batch <= 0:
+                raise UserError("--conversations, --max-new-tokens and --batch must be positive")
+            questions_file, _ = data.questions_path(args.questions)
+            model = load_model(args.model, args.device, args.dtype)
+            path = pick_matmul_path(model.runtime, args.matmul, rows=args.batch)
+            print(f"[distill] {model.alias} on {model.runtime.device.type}/{model.runtime.dtype}, matmul {path}",
+                  file=sys.stderr)
+            provenance = distill(model, Path(args.out), args.conversations, args.max_new_tokens, args.minutes,
+                                 Path(questions_file), args.batch)
+            print(f"{args.out}: {provenance.get('conversations', 0)} conversations, {provenance.get('tokens', 0)} "
+                  f"tokens generated")
         elif args.command == "tune":
             from pathlib import Path
 

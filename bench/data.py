@@ -332,3 +332,13 @@ def _iter_json_array(path: Path, max_conversations: int | None, chunk_chars: int
             if max_conversations is not None and yielded >= max_conversations:
                 return
             position = position_after
+
+
+HELD_OUT_PERCENT = 5
+
+
+def split_of(conversation_id: str) -> str:
+    """"held_out" for a fixed 5% of ShareGPT conversations (by a hash of the id, so the split does
+    not depend on file order or filtering), else "train". Drafters are evaluated on held-out ones."""
+    digest = hashlib.sha256(f"sharegpt-split/{conversation_id}".encode()).digest()
+    return "held_out" if int.from_bytes(digest[:4], "big") % 100 < HELD_OUT_PERCENT else "train"

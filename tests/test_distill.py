@@ -1,0 +1,75 @@
+"""`bench distill-data`: the model's own greedy answers, batched, resumable, never a Spec-Bench question."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+import methods
+from bench import data, distill
+from bench.__main__ import main
+from tests.conftest import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_ngram_exclusion():
+    benchmark = distill.ngrams("Write a persuasive email to convince your introverted friend, who dislikes public speaking")
+    assert distill.overlaps_benchmark("Please: write a PERSUASIVE email to convince your introverted friend!", benchmark)
+    assert not distill.overlaps_benchmark("write a persuasive email to convince your friend", benchmark)
+
+
+def test_split_is_a_stable_five_percent():
+    splits = [data.split_of(str(i)) for i in range(4000)]
+    assert 0.03 < splits.count("held_out") / len(splits) < 0.07
+    assert data.split_of("abc") == data.split_of("abc")
+
+
+@pytest.fixture
+def conversations(questions_file, monkeypatch):
+    """Fake ShareGPT: prompts of a few equal lengths, one copying a Spec-Bench question."""
+    spec_bench = json.loads(questions_file.open().readline())["turns"][0]
+    fake = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"Tell me about item {i:02d}"},
+                                               {"from": "gpt", "value": "..."}]} for i in range(7)]
+    fake.insert(2, {"id": "copied", "conversations": [{"from": "human", "value": "Hi. " + spec_bench}]})
+    fake.insert(4, {"id": "gpt-first", "conversations": [{"from": "gpt", "value": "hello"}]})
+    monkeypatch.setattr(data, "iter_sharegpt", lambda *args, **kwargs: iter(fake))
+    return fake
+
+
+def test_batched_answers_are_vanillas_and_the_job_resumes(conversations, questions_file, tmp_path):
+    model = tiny("tiny-llama-random")  # float64: a batched row computes what a one-row decode does
+    out = tmp_path / "distill"
+    first = distill.distill(model, out, 4, 12, None, questions_file, batch=3)
+    assert first["conversations"] == 4 and first["excluded_ids"] == ["copied"]
+    second = distill.distill(model, out, 7, 12, None, questions_file, batch=3)
+    assert second["conversations"] == 7 and len(second["jobs"]) == 2
+    with gzip.open(out / "answers.jsonl.gz", "rt") as handle:
+        records = [json.loads(line) for line in handle]
+    assert sorted(r["id"] for r in records) == [f"c{i}" for i in range(7)]
+    vanilla = methods.get("vanilla")(model.runtime)
+    for record in records:
+        expected = vanilla.generate(record["prompt_ids"], 12, model.stop_ids).new_ids
+        assert record["answer_ids"] == expected
+        assert record["stopped"] == (expected[-1] in model.stop_ids)
+        assert record["split"] == data.split_of(record["id"])
+
+
+def test_a_cut_off_batch_is_dropped_and_rerun(conversations, questions_file, tmp_path):
+    model = tiny("tiny-llama-random")
+    out = tmp_path / "distill"
+    distill.distill(model, out, 3, 6, None, questions_file, batch=3)
+    path = out / "answers.jsonl.gz"
+    path.write_bytes(path.read_bytes() + gzip.compress(b'{"id": "c9", "prompt')[:-6])  # a batch cut off mid-write
+    assert len(distill.read_answers(path)) == 3
+    assert distill.distill(model, out, 5, 6, None, questions_file, batch=3)["conversations"] == 5
+
+
+def test_other_settings_in_the_same_folder_are_refused(conversations, questions_file, tmp_path, capsys):
+    out = tmp_path / "distill"
+    args = ["distill-data", "--model", "tiny-llama-random", "--out", str(out), "--conversations", "2",
+            "--questions", str(questions_file), "--device", "cpu", "--matmul", "torch"]
+    assert main(args + ["--max-new-tokens", "4"]) == 0
+    assert main(args + ["--max-new-tokens", "5"]) == 2
+    assert "other settings" in capsys.readouterr().err
