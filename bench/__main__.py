@@ -18,6 +18,7 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import methods
     parser = argparse.ArgumentParser(prog="python -m bench", description="Spec-Bench harness for speculative decoding.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -74,20 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_argument("--cell-retries", type=int, help="ray: retries of a cell whose worker died or that "
                           "raised, before it is recorded as failed [2]")
 
-    train = commands.add_parser("train", help="train a drafter (Kangaroo adapter, Medusa heads) for a model on ShareGPT",
+    trainable = list(methods.trainable())
+    train = commands.add_parser("train", help=f"train a drafter ({', '.join(trainable)}) for a model",
                                 description="Freeze the model, precompute its features on ShareGPT conversations "
-                                "and distil the drafter; saves a checkpoint folder (safetensors + config.json "
-                                "with provenance). Runs within --minutes; --resume continues from a checkpoint.")
+                                "(or, with --data, on the model's own answers from `distill-data`) and distil the "
+                                "drafter with the method's own training; saves a checkpoint folder (safetensors + "
+                                "config.json with provenance) and tunes its defaults. Runs within --minutes; --resume "
+                                "continues from a checkpoint.")
     train.add_argument("--model", default="gemma-3-270m", help="catalog alias or HF id [gemma-3-270m]")
-    train.add_argument("--method", required=True, choices=["kangaroo", "medusa"])
+    train.add_argument("--method", required=True, choices=trainable)
+    train.add_argument("--data", help="a `distill-data` folder: train on the model's own answers [ShareGPT text]")
+    train.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                       help="the method's training options: " + "; ".join(
+                           f"{name}: " + ", ".join(f"{k}={o.default} ({o.help})" for k, o in m.train_options.items())
+                           for name, m in methods.trainable().items() if getattr(m, "train_options", None)))
     train.add_argument("--out", help="checkpoint folder [methods/checkpoints/MODEL/METHOD]")
     train.add_argument("--resume", help="checkpoint folder to continue from")
     train.add_argument("--minutes", type=float, default=50, help="wall-clock budget of the training loop [50]")
     train.add_argument("--tokens", type=int, default=150_000, help="assistant tokens of ShareGPT to train on [150000]")
     train.add_argument("--epochs", type=float, default=8, help="at most this many passes over the tokens [8]")
-    train.add_argument("--exit-layer", type=int, help="Kangaroo: layers shared with the target [2]")
-    train.add_argument("--num-heads", type=int, default=4, help="Medusa: number of heads [4]")
-    train.add_argument("--lr", type=float, help="peak learning rate [kangaroo 5e-4, medusa 1e-3]")
+    train.add_argument("--lr", type=float, help="peak learning rate [the method's own]")
     train.add_argument("--candidates", type=int, default=32768,
                        help="distil over the N most frequent tokens [32768]")
     train.add_argument("--seed", type=int, default=0)
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(Medusa: trees; Kangaroo: threshold x steps) and records the fastest as the "
                                "checkpoint's recommended defaults, with the table, in its config.json.")
     tune.add_argument("--model", default="gemma-3-270m")
-    tune.add_argument("--method", required=True, choices=["kangaroo", "medusa"])
+    tune.add_argument("--method", required=True, choices=[n for n, m in methods.available().items() if m.tuning_grid])
     tune.add_argument("--checkpoint", help="checkpoint folder [methods/checkpoints/MODEL/METHOD]")
     tune.add_argument("--device", default="auto")
     tune.add_argument("--dtype", default="auto")
@@ -189,7 +196,6 @@ def command_run(args: argparse.Namespace) -> None:
         given = getattr(args, name)
         if given is not None:
             values[name] = given
-    values["report"] = not args.no_report
     if args.device_map is not None:
         values["device_map"] = args.device_map
     ray_flags = {"--ray-address": args.ray_address, "--cells-per-group": args.cells_per_group,
@@ -203,6 +209,9 @@ def command_run(args: argparse.Namespace) -> None:
         if given:
             raise UserError(f"{', '.join(given)} only apply to --launcher ray")
         out = run(RunSettings(**values))
+    if not args.no_report:
+        from bench.report import write_report
+        write_report(out)
     print(f"done: {out}")
     summary = out / "summary.md"
     if summary.exists():
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench import data
             from bench.distill import distill
             from bench.models import load_model
-            from methods.runtime import pick_matmul_path
+            from methods.products import pick_matmul_path
             if args.conversations <= 0 or args.max_new_tokens <= 0 or args.batch <= 0:
                 raise UserError("--conversations, --max-new-tokens and --batch must be positive")
             questions_file, _ = data.questions_path(args.questions)
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from bench.models import load_model
             from bench.profile import write_profile
-            from methods.runtime import pick_matmul_path
+            from methods.products import pick_matmul_path
             model = load_model(args.model, args.device, args.dtype)
             path = pick_matmul_path(model.runtime, args.matmul)
             print(f"[profile] {model.alias} on {model.runtime.device.type}/{model.runtime.dtype}, matmul {path}",

@@ -27,11 +27,10 @@ import torch
 
 from bench import lossless
 from bench.errors import UserError
-from bench.selftest import PLANTED_BUGS, lossless_suite
+from bench.selftest import PLANTED_BUGS, lossless_suite, planted_bug_labels
 from bench.tiny import TINY_FAMILIES, synthetic_prompts
 
 HALF_DTYPES = ("float16", "bfloat16")
-BUGGY_METHODS = ["pld", "medusa"]
 MIN_BUG_RATE = 0.9
 VICUNA_7B_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
@@ -89,7 +88,7 @@ def lossless_section(device: str, prompts: int, new_tokens: int,
                                   "skipped": reason})
                 if kind == "peaked":
                     for bug in PLANTED_BUGS:
-                        planted = lossless_suite(runtime, texts, new_tokens, labels=BUGGY_METHODS, bug=bug)
+                        planted = lossless_suite(runtime, texts, new_tokens, labels=planted_bug_labels(), bug=bug)
                         for label, verdicts in planted.verdicts.items():
                             bugs.append({"family": family, "dtype": dtype, "bug": bug, "method": label,
                                          "diverged": verdicts.count("diverged"), "prompts": len(verdicts)})
@@ -118,7 +117,7 @@ def profile_model(device: str):
 
 def profile_section(device: str, out: Path) -> dict:
     from bench.profile import floor_ratios, profile_rows, write_rows
-    from methods.runtime import pick_matmul_path
+    from methods.products import pick_matmul_path
     model, description = profile_model(device)
     pick_matmul_path(model.runtime, "torch")
     if device == "cpu":  # the dry run: every code path, small sizes

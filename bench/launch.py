@@ -16,7 +16,8 @@ Files, besides what a local run writes into OUT:
     OUT/cells/<cell>/FAILED                  the cell failed after every retry: its error
 
 The driver merges the cells' answers into OUT/answers/<label>.jsonl (sorted by question id) as
-cells finish, then writes config.json, method_stats.json and the report as a local run does; the
+cells finish, then writes config.json and method_stats.json as a local run does (the command line
+writes the report); the
 launcher is recorded in config.json's environment section only, so a local and a Ray run of the
 same settings share a config hash and resume each other's directories. A rerun of the same command
 skips finished cells and runs failed or missing ones; inside such a cell, questions already
@@ -46,7 +47,7 @@ from bench.device import hardware
 from bench.runner import (Plan, RunSettings, build_config, config_hash, load_run_model, model_facts,
                           plan_run, prepare_out_dir, read_answers, resumed_matmul, run_methods, write_answers,
                           write_atomic)
-from methods.runtime import pick_matmul_path
+from methods.products import pick_matmul_path
 
 FAIL_ENV = "SPEC_BENCH_FAIL_CELL"
 INSTALL_HINT = "pip install '.[ray]' in the harness's environment (or `make install`, which installs it)"
@@ -395,8 +396,8 @@ def merge_stats(out: Path, plan: Plan, cells: list[Cell], config: dict) -> None:
 
 
 def run_on_ray(settings: RunSettings, options: RayOptions) -> Path:
-    """Run (or resume) a sweep on a Ray cluster, cell by cell, into one run directory; then write
-    its report as a local run does. Returns the run directory."""
+    """Run (or resume) a sweep on a Ray cluster, cell by cell, into one run directory, as a local run
+    does. Returns the run directory."""
     ray = import_ray()
     if settings.device.startswith("cuda:"):
         raise UserError("with --launcher ray, Ray assigns each cell its GPU: use --device cuda or auto")
@@ -478,7 +479,4 @@ def sweep(ray, settings: RunSettings, options: RayOptions, plan: Plan, cells: li
         listed = "; ".join(f"{cell_id} ({message})" for cell_id, message in failures.items())
         print(f"[ray] {len(failures)} cell(s) failed after {options.cell_retries} retries: {listed}. Their questions "
               f"are recorded with the error; rerun the same command to retry them.", file=sys.stderr)
-    if settings.report:
-        from bench.report import write_report
-        write_report(out)
     return out

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import methods
 from bench.data import GROUP_ORDER, GROUPS, group_of
 from bench.errors import UserError
+from methods import ProfileTable, StepCosts
 
 SUMMARY_COLUMNS = (
     "model,method,category,runs,questions,new_tokens_mean,tokens_per_s,speedup,speedup_std,"
@@ -236,77 +238,14 @@ def leviathan_bound(alpha: float, gamma: int, cost_ratio: float) -> float:
     return expected_tokens / (gamma * cost_ratio + 1.0)
 
 
-@dataclass
-class StepCosts:
-    """What one speculative step of a method costs, from a profile (milliseconds, best of runs)."""
-
-    gamma: int  # tokens drafted per step (tree depth for Medusa)
-    step_ms: float  # a target forward over one token: vanilla's step
-    draft_ms: float  # drafting one step's tokens (all of them)
-    verify_ms: float  # the target forward that verifies them
-
-    @property
-    def cost_ratio(self) -> float:
-        """Leviathan's c: the cost of one draft token relative to a target step."""
-        return self.draft_ms / self.gamma / self.step_ms
-
-    def leviathan(self, tau: float) -> float:
-        """Leviathan's speedup at τ mean accepted tokens: τ / (γc + 1) (verification costs one step)."""
-        return tau / (self.gamma * self.cost_ratio + 1.0)
-
-    def measured(self, tau: float) -> float:
-        """Speedup at τ with the measured verify cost: τ · step / (draft + verify)."""
-        return tau * self.step_ms / (self.draft_ms + self.verify_ms)
-
-
-def _interpolated(points: dict[int, float], k: int) -> float | None:
-    if not points:
-        return None
-    if k in points:
-        return points[k]
-    ks = sorted(points)
-    if k <= ks[0] or k >= ks[-1]:
-        return points[ks[0] if k <= ks[0] else ks[-1]]
-    below = max(x for x in ks if x < k)
-    above = min(x for x in ks if x > k)
-    share = (k - below) / (above - below)
-    return points[below] + share * (points[above] - points[below])
-
-
 def step_costs(profile: list[dict], name: str, options: dict) -> StepCosts | None:
-    """A method's step costs from profile rows (bench.profile.read_profile), or None when the profile
-    lacks what the method needs (or the method does not draft)."""
-    def component(prefix: str, exact: bool = True) -> list[dict]:
-        return [r for r in profile if (r["component"] == prefix if exact else r["component"].startswith(prefix))]
-    forward = component("forward")
-    if not forward:
+    """A method's step costs from profile rows (bench.profile.read_profile), through the method's
+    own `step_costs` hook; None when the profile lacks what the method needs, the method does not
+    draft, or it is not registered here."""
+    registry = methods.available()
+    if name not in registry:
         return None
-    context = min(r["context"] for r in forward)
-    by_k = {r["k"]: r["ms_min"] for r in forward if r["context"] == context}
-    step = by_k.get(1)
-    if step is None:
-        return None
-    if name == "kangaroo":
-        gamma = int(options.get("steps") or 0)
-        vocab = options.get("draft_vocab") or 0
-        rows = component("kangaroo_draft" + (f"_vocab{vocab}" if vocab else ""))
-        if not gamma or not rows:
-            return None
-        return StepCosts(gamma, step, gamma * rows[0]["ms_min"], _interpolated(by_k, gamma + 1))
-    if name == "medusa":
-        rows, tree = component("medusa_draft"), options.get("tree")
-        verify = component(f"medusa_verify_{tree}")
-        gamma = int(options.get("num_heads") or 0)
-        if not rows or not verify or not gamma:
-            return None
-        return StepCosts(gamma, step, rows[0]["ms_min"], verify[0]["ms_min"])
-    if name == "pld":
-        gamma = int(options.get("num_draft") or 0)
-        rows = [r for r in component("pld_lookup") if r["context"] == max(x["context"] for x in component("pld_lookup"))]
-        if not gamma or not rows:
-            return None
-        return StepCosts(gamma, step, rows[0]["ms_min"], _interpolated(by_k, gamma + 1))
-    return None
+    return registry[name].step_costs(ProfileTable(profile), options)
 
 
 # ---------------------------------------------------------------------------------------------

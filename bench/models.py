@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench import data
 from bench.errors import UserError
 from bench.tiny import ByteTokenizer, load_peaked, load_random
 from methods.runtime import Transformer, TransformerConfig
@@ -405,10 +406,24 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", template: s
     loaded = LoadedModel(spec.alias, spec.source, runtime.config.family, template or spec.template, runtime, tokenizer,
                        load_seconds=time.perf_counter() - started)
 
-    def ranking():
-        from bench.training import token_ranking
-        return token_ranking(loaded)
-
-    runtime.vocab_ranking = ranking
+    runtime.vocab_ranking = lambda: token_ranking(loaded)
     return loaded
+
+
+def token_ranking(model: LoadedModel, conversations: int = 4000) -> torch.Tensor:
+    """Token ids by decreasing frequency in ShareGPT (counted with the model's tokenizer), cached."""
+    path = cache_root() / "vocab" / f"{model.alias.replace('/', '_')}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    print(f"[vocab] counting token frequencies over {conversations} ShareGPT conversations", file=sys.stderr)
+    counts = torch.zeros(model.runtime.config.vocab_size, dtype=torch.int64)
+    for index, conversation in enumerate(data.iter_sharegpt(max_conversations=conversations)):
+        text = "\n".join(turn.get("value", "") for turn in conversation.get("conversations", []))
+        ids = torch.tensor(model.tokenizer.encode(text), dtype=torch.int64)
+        ids = ids[ids < counts.numel()]
+        counts += torch.bincount(ids, minlength=counts.numel())
+    ranking = torch.argsort(counts, descending=True, stable=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ranking, path)
+    return ranking
 

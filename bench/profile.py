@@ -1,9 +1,9 @@
 """`python -m bench profile`: what one step of each method costs on this device, against its floor.
 
 Times a target forward over k new tokens at a few context lengths (the verify-cost curve that
-bounds every speculative method), the LM head alone, Kangaroo's draft step (full and truncated
-vocabulary) and its deep-layer verification, Medusa's heads and tree verification, and PLD's
-lookup. It also measures the device's read-only streaming bandwidth and peak matrix-product FLOP/s,
+bounds every speculative method), the LM head alone, and every registered method's own step
+components at each context (its `profile` hook: Kangaroo's draft step and deep-layer verification,
+Medusa's heads and tree verifications, PLD's lookup, ...). It also measures the device's read-only streaming bandwidth and peak matrix-product FLOP/s,
 and from them the floor of a forward over k tokens: max(bytes read ÷ bandwidth, FLOPs ÷ peak),
 where the bytes are the weights a forward reads plus the KV cache, and the FLOPs those of every
 product (attention included). Each timing is the min and median of several runs after a warm-up,
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.models import LoadedModel
+import methods
 from bench.device import sync
+from bench.models import LoadedModel
 
 K_VALUES = (1, 2, 4, 8, 16, 32, 64)
-MEDUSA_TREES = ("chain_2", "chain_4", "small_7", "medium_15", "mc_sim_7b_63")
 CONTEXTS = (128, 1024)
 COLUMNS = ["component", "k", "context", "ms_min", "ms_median"]
 
@@ -120,8 +120,6 @@ def floor_ms(runtime, k: int, context: int, bandwidth: float, peak: float) -> fl
 def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repeats: int = 5,
                  stream_bytes: int = 1 << 30) -> tuple[list[dict], dict]:
     """The timed rows of profile.csv and the device summary of profile.json."""
-    import methods
-    from methods.pld import lookup_draft
     runtime, device = model.runtime, model.runtime.device
     vocab = runtime.config.vocab_size
     rows = []
@@ -157,49 +155,14 @@ def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repea
     for k in k_values:
         add("lm_head", k, 0, lambda: runtime.lm_head(hidden[k]))
 
-    context = contexts[0]
-    try:
-        for draft_vocab in (0, 32768):
-            kangaroo = methods.get("kangaroo")(runtime, draft_vocab=draft_vocab)
-            name = "kangaroo_draft" + ("" if draft_vocab == 0 else f"_vocab{draft_vocab}")
-            adapter_cache = kangaroo.adapter_cache(cache.max_len)
-            token = torch.tensor([[1]], device=device)
-            shallow = range(0, kangaroo.exit_layer)
-
-            def draft_step():
-                feature = runtime.forward_layers(runtime.embed(token), cache, context, layers=shallow)
-                adapted = runtime.forward_block(kangaroo.adapter.layers[0], feature, adapter_cache, context)
-                return kangaroo.propose(adapted, 0)
-            add(name, 1, context, draft_step)
-        deep = range(kangaroo.exit_layer, runtime.config.num_layers)
-        for k in k_values[:5]:
-            def verify(k=k):
-                out = runtime.forward_layers(hidden[k], cache, context, layers=deep)
-                return runtime.logits(out).argmax(-1)
-            add("kangaroo_verify", k, context, verify)
-    except methods.MissingCheckpoint as error:
-        print(f"[profile] kangaroo skipped: {error}", file=sys.stderr)
-
-    try:
-        normed = runtime.norm(hidden[k_values[0]][0, 0])
-        for tree in MEDUSA_TREES:
-            medusa = methods.get("medusa")(runtime, tree=tree)
-            n = medusa.tree.depth.numel()
-            if tree == MEDUSA_TREES[0]:
-                add("medusa_draft", 1, context, lambda: medusa.propose(normed, 0))
-            nodes = torch.zeros(1, n, dtype=torch.long, device=device)
-
-            def verify_tree(medusa=medusa, nodes=nodes):
-                out = runtime.forward_layers(runtime.embed(nodes), cache, context,
-                                             positions=context + medusa.tree.depth, tree_mask=medusa.tree.mask)
-                return runtime.lm_head(runtime.norm(out)).argmax(-1)
-            add(f"medusa_verify_{tree}", n, context, verify_tree)
-    except methods.MissingCheckpoint as error:
-        print(f"[profile] medusa skipped: {error}", file=sys.stderr)
-
-    for context_length in contexts:
-        sequence = np.random.default_rng(0).integers(0, 1000, context_length)
-        add("pld_lookup", 1, context_length, lambda: lookup_draft(sequence, 3, 10))
+    for name, method in methods.available().items():  # each method's own step components (its hook)
+        for context in contexts:
+            try:
+                method.profile(runtime, cache, context, lambda component, k, function, context=context:
+                               add(component, k, context, function))
+            except methods.MissingCheckpoint as error:
+                print(f"[profile] {name} skipped: {error}", file=sys.stderr)
+                break
     summary = {"device": device.type, "dtype": str(runtime.dtype).removeprefix("torch."),
                "matmul": getattr(runtime, "matmul", None), "bandwidth_bytes_per_s": bandwidth,
                "peak_flops_per_s": peak, "k_values": list(k_values), "contexts": list(contexts),

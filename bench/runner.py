@@ -32,16 +32,15 @@ from bench.lossless import classify
 from bench.models import LoadedModel, load_model
 from bench.specs import MethodSpec, parse_method_args, parse_method_specs, resolve
 from methods import MissingCheckpoint
-from methods.runtime import MATMUL_PATHS, pick_matmul_path
+from methods.products import MATMUL_PATHS, pick_matmul_path
 
-DEFAULT_METHODS = "vanilla,hf-generate,pld,kangaroo,kangaroo+draft_vocab=32768,medusa"
 PACKAGES = ("torch", "transformers", "numpy", "pandas", "safetensors", "tokenizers", "gguf", "accelerate")
 
 
 @dataclass
 class RunSettings:
     model: str = "gemma-3-270m"
-    methods: str | None = None  # None: DEFAULT_METHODS, where methods without a checkpoint are skipped
+    methods: str | None = None  # None: the default sweep (methods.default_sweep), skipping methods without a checkpoint
     categories: str | None = None
     limit: int | None = None
     max_new_tokens: int = 1024
@@ -53,7 +52,6 @@ class RunSettings:
     matmul: str = "auto"
     method_args: list[str] = field(default_factory=list)
     template: str | None = None
-    report: bool = True
     questions_sha256: str | None = None  # when set (rerun from a config), the question file must match
     device_map: str | None = None  # "auto": transformers places the model (bench.models.resolve_device_map)
 
@@ -200,7 +198,7 @@ def plan_run(settings: RunSettings) -> Plan:
     if settings.max_new_tokens <= 0 or settings.runs <= 0:
         raise UserError("--max-new-tokens and --runs must be positive integers")
     explicit = settings.methods is not None
-    specs = parse_method_specs(settings.methods or DEFAULT_METHODS)
+    specs = parse_method_specs(settings.methods or ",".join(methods.default_sweep()))
     if "vanilla" not in [s.label for s in specs]:
         specs.insert(0, MethodSpec("vanilla"))
     specs.sort(key=lambda s: s.label != "vanilla")  # vanilla first: the others are compared with it
@@ -261,7 +259,7 @@ def build_config(facts: dict, matmul: str, plan: Plan, settings: RunSettings, la
 
 
 def run(settings: RunSettings) -> Path:
-    """Run (or resume) a sweep and write its report. Returns the run directory."""
+    """Run (or resume) a sweep. Returns the run directory (the command line then writes its report)."""
     plan = plan_run(settings)
     model = load_run_model(settings)
     out = Path(settings.out or Path("runs") / model.alias)
@@ -277,9 +275,6 @@ def run(settings: RunSettings) -> Path:
     run_methods(model, plan, plan.questions, settings, out, config, stats)
     config["config_hash"] = config_hash(config)
     write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
-    if settings.report:
-        from bench.report import write_report
-        write_report(out)
     return out
 
 

@@ -26,8 +26,6 @@ PLANTED_BUGS = {
     "position_off_by_one": "verification rotates its tokens one RoPE position too far",
     "slot_off_by_one": "verification writes its tokens one KV-cache slot too late",
 }
-# Variants that make a method verify several tokens at (nearly) every step, so a planted bug shows.
-ALWAYS_DRAFTING = {"kangaroo": {"threshold": 0.0}}
 
 
 @contextlib.contextmanager
@@ -55,17 +53,25 @@ def planted_bug(runtime, kind: str):
         del runtime.forward_layers  # the class's own method again
 
 
-def method_variants(runtime) -> dict[str, tuple[str, dict]]:
-    """label -> (name, options) of every registered method that can be built on `runtime` (tiny
-    models get untrained drafters), plus the always-drafting variants."""
-    variants = {}
-    for name in methods.available():
-        variants[name] = (name, {})
-        if name in ALWAYS_DRAFTING:
-            options = ALWAYS_DRAFTING[name]
-            label = "+".join([name] + [f"{k}={v}" for k, v in sorted(options.items())])
-            variants[label] = (name, dict(options))
-    return variants
+def label_of(name: str, options: dict) -> str:
+    return "+".join([name] + [f"{k}={v}" for k, v in sorted(options.items())])
+
+
+def method_variants() -> dict[str, tuple[str, dict]]:
+    """label -> (name, options) of every registered method's `selftest_variants`."""
+    return {label_of(name, options): (name, dict(options))
+            for name, method in methods.available().items() for options in method.selftest_variants}
+
+
+def planted_bug_variants() -> dict[str, tuple[str, dict]]:
+    """The variants under which a method verifies several tokens at every step (its
+    `verifies_every_step`): there a planted verification bug must show."""
+    return {label_of(name, method.verifies_every_step): (name, dict(method.verifies_every_step))
+            for name, method in methods.available().items() if method.verifies_every_step is not None}
+
+
+def planted_bug_labels() -> list[str]:
+    return list(planted_bug_variants())
 
 
 @dataclass
@@ -80,7 +86,7 @@ class SuiteResult:
 def build_variants(runtime, labels: list[str] | None = None) -> tuple[dict, dict[str, str]]:
     """(label -> method instance, label -> reason it was skipped)."""
     built, skipped = {}, {}
-    for label, (name, options) in method_variants(runtime).items():
+    for label, (name, options) in {**method_variants(), **planted_bug_variants()}.items():
         if labels is not None and label not in labels:
             continue
         try:

@@ -1,7 +1,7 @@
 """Decoding methods and their registry.
 
-A method is a class registered under a name. It is built from the runtime model and its options and
-decodes one prompt at a time:
+A method is one file in methods/: a class registered under a name, built from the runtime model
+and its options, that decodes one prompt at a time with the speculative core (methods/core.py):
 
     @register("mine")
     class Mine(Method):
@@ -10,6 +10,11 @@ decodes one prompt at a time:
 
 `Generation.accept_lengths` has one entry per target forward pass: the tokens that pass committed,
 the prefill included (it commits 1), so `sum(accept_lengths) == len(new_ids)`.
+
+What else a method may declare, all optional, is read from the registry by `bench/` (README,
+"Adding a method"): `default_sweep` (the specs `make bench` runs), `profile` (its step components
+for `bench profile`), `step_costs` (draft and verify cost for Leviathan's bound), `train` and
+`tuning_grid` (for `bench train` and `bench tune`).
 """
 from __future__ import annotations
 
@@ -64,16 +69,91 @@ class Overhead:
     extra_memory_bytes: int = 0  # memory it holds beyond the target model (weights, caches)
 
 
+@dataclass
+class StepCosts:
+    """What one speculative step of a method costs, from a profile (milliseconds, best of runs)."""
+    gamma: int  # tokens drafted per step (tree depth for a tree)
+    step_ms: float  # a target forward over one token: vanilla's step
+    draft_ms: float  # drafting one step's tokens (all of them)
+    verify_ms: float  # the target forward that verifies them
+
+    @property
+    def cost_ratio(self) -> float:
+        """Leviathan's c: the cost of one draft token relative to a target step."""
+        return self.draft_ms / self.gamma / self.step_ms
+
+    def leviathan(self, tau: float) -> float:
+        """Leviathan's speedup at τ mean accepted tokens: τ / (γc + 1) (verification costs one step)."""
+        return tau / (self.gamma * self.cost_ratio + 1.0)
+
+    def measured(self, tau: float) -> float:
+        """Speedup at τ with the measured verify cost: τ · step / (draft + verify)."""
+        return tau * self.step_ms / (self.draft_ms + self.verify_ms)
+
+
+class ProfileTable:
+    """The rows of a step-cost profile (profile.csv: component, k, context, ms_min, ms_median) as a
+    method's `step_costs` hook reads them."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def ms(self, component: str, k: int | None = None, context: str | int = "min") -> float | None:
+        """Best time of `component` (at `k` if given) at the smallest ("min") or largest ("max")
+        profiled context, or at the given one; None when the profile lacks it."""
+        rows = [r for r in self.rows if r["component"] == component and (k is None or r["k"] == k)]
+        if not rows:
+            return None
+        if context in ("min", "max"):
+            context = (min if context == "min" else max)(r["context"] for r in rows)
+        rows = [r for r in rows if r["context"] == context]
+        return rows[0]["ms_min"] if rows else None
+
+    def forward(self, k: int) -> float | None:
+        """A target forward over k new tokens at the smallest profiled context, interpolated in k."""
+        rows = [r for r in self.rows if r["component"] == "forward"]
+        if not rows:
+            return None
+        context = min(r["context"] for r in rows)
+        points = {r["k"]: r["ms_min"] for r in rows if r["context"] == context}
+        if k in points:
+            return points[k]
+        ks = sorted(points)
+        if k <= ks[0] or k >= ks[-1]:
+            return points[ks[0] if k <= ks[0] else ks[-1]]
+        below, above = max(x for x in ks if x < k), min(x for x in ks if x > k)
+        return points[below] + (k - below) / (above - below) * (points[above] - points[below])
+
+
 class Method:
-    """Base class: holds the model and the resolved options, and owns a KV cache it grows on demand."""
+    """Base class: holds the model and the resolved options, and owns KV caches it grows on demand.
+
+    Hooks read by bench/ (all optional):
+    - `default_sweep`: the specs of this method in the default sweep (`make bench`), e.g.
+      ("kangaroo", "kangaroo+draft_vocab=32768"); empty: only when named with --methods;
+    - `profile(runtime, cache, context, add)`: time the method's own step components for
+      `bench profile` by calling add(component, k, function);
+    - `step_costs(profile, options)`: the StepCosts of one step at these options, from a profile;
+    - `train(job)`: train a checkpoint for `bench train` (methods/train.py's TrainingJob);
+    - `tuning_grid`: option variants `bench tune` times on held-out prompts; the fastest becomes
+      the checkpoint's recommended defaults, read back through `checkpoint_option`;
+    - `selftest_variants`: the option variants the lossless suite (tests, `gpu-check`) runs;
+    - `verifies_every_step`: options under which the method verifies several tokens at (nearly)
+      every step, so that planted verification bugs must show in its output (None: not checked).
+    """
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
     description: ClassVar[str] = ""
+    default_sweep: ClassVar[tuple[str, ...]] = ()
+    tuning_grid: ClassVar[tuple[dict, ...]] = ()
+    checkpoint_option: ClassVar[str] = ""
+    selftest_variants: ClassVar[tuple[dict, ...]] = ({},)
+    verifies_every_step: ClassVar[dict | None] = None
 
     def __init__(self, model: Transformer, **options: Any):
         self.model = model
         self.settings = resolve_options(type(self), options)
-        self._cache = None
+        self._caches: dict[str, Any] = {}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
         raise NotImplementedError
@@ -81,12 +161,28 @@ class Method:
     def overhead(self) -> Overhead:
         return Overhead()
 
+    def grown_cache(self, name: str, needed: int, num_layers: int | None = None):
+        """The KV cache `name`, reallocated (rounded up to 256 slots) only when too small; the old
+        one is freed before the larger one is allocated, so the two never coexist."""
+        if name not in self._caches or self._caches[name].max_len < needed:
+            self._caches.pop(name, None)
+            self._caches[name] = self.model.new_cache(-(-needed // 256) * 256, num_layers=num_layers)
+        return self._caches[name]
+
     def cache(self, needed: int):
-        """The method's KV cache, reallocated (rounded up to 256 slots) only when too small."""
-        if self._cache is None or self._cache.max_len < needed:
-            self._cache = None  # freed before the larger one is allocated: never both at once
-            self._cache = self.model.new_cache(-(-needed // 256) * 256)
-        return self._cache
+        """The target model's KV cache, with at least `needed` slots."""
+        return self.grown_cache("target", needed)
+
+    @classmethod
+    def profile(cls, runtime: Transformer, cache, context: int, add: Callable[[str, int, Callable], None]) -> None:
+        """Time this method's own step components (none by default)."""
+
+    @classmethod
+    def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:
+        """This method's step costs at `options` (None: it does not draft, or the profile lacks them)."""
+        return None
+
+    train: ClassVar[Callable | None] = None
 
 
 def resolve_options(method: type[Method], given: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +228,16 @@ def get(name: str) -> type[Method]:
     if name not in methods:
         raise KeyError(f"unknown method {name!r}; valid: {', '.join(methods)}")
     return methods[name]
+
+
+def default_sweep() -> list[str]:
+    """The specs of the default sweep, in registration order."""
+    return [spec for method in available().values() for spec in method.default_sweep]
+
+
+def trainable() -> dict[str, type[Method]]:
+    """The methods `bench train` can train."""
+    return {name: method for name, method in available().items() if method.train is not None}
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

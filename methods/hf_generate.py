@@ -5,13 +5,14 @@ import time
 
 import torch
 
-from methods import Generation, Method, register
-from methods.runtime import DEFAULT_TORCH_THREADS
+from methods import Generation, Method, core, register
+from methods.products import DEFAULT_TORCH_THREADS
 
 
 @register("hf-generate")
 class HFGenerate(Method):
     description = "transformers' own greedy generate() on the same weights (reference for the runtime)"
+    default_sweep = ("hf-generate",)
 
     def __init__(self, model, **options):
         super().__init__(model, **options)
@@ -35,12 +36,7 @@ class HFGenerate(Method):
                                    max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(stop_ids),
                                    pad_token_id=stop_ids[0] if stop_ids else 0, num_beams=1,
                                    temperature=None, top_p=None, top_k=None)
-        new_ids = output[0, len(prompt_ids):].tolist()
-        stops = set(stop_ids)
-        for i, token in enumerate(new_ids):  # generate pads after the stop token
-            if token in stops:
-                new_ids = new_ids[:i + 1]
-                break
+        new_ids = core.until_stop(output[0, len(prompt_ids):].tolist(), set(stop_ids))  # generate pads after it
         return Generation(new_ids, [1] * len(new_ids), prefill_seconds=clock.first_token_seconds)
 
 

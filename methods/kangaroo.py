@@ -4,30 +4,31 @@ The draft model is the target's own first l layers, then an adapter (one attenti
 target's kind without MLP, and one more norm), then the target's LM head. Drafting stops at the
 second early exit: when the draft's top-1 probability falls below the threshold eta, or after
 `steps` drafts. The shallow layers' KV entries and features computed while drafting are kept, so
-verification runs only layers [l, N) on the saved features. The longest prefix of drafts that
-matches the target's greedy tokens is accepted, plus the target's token after it.
+verification runs only layers [l, N) on the saved features, and the speculative core accepts the
+longest prefix of drafts that matches the target's greedy tokens, plus the target's token after it.
 
 `draft_vocab=N` scores drafts over the N most frequent tokens only (the LM head is 62% of the
 embedded model); verification always uses the full vocabulary, so the output stays lossless.
 """
 from __future__ import annotations
 
-import os
-import time
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from methods import Generation, Method, MissingCheckpoint, Option, Overhead, greedy, register
-from methods import checkpoints
-from methods.pld import longest_accepted_prefix
-from methods.runtime import DecoderLayer, KVCache, Linear, RMSNorm, Transformer, module_bytes, set_matmul_path
+from methods import Generation, Option, ProfileTable, StepCosts, checkpoints, core, register
+from methods.drafter import Drafter
+from methods.products import set_matmul_path
+from methods.runtime import DecoderLayer, RMSNorm, Transformer
+from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
+                           teacher_distribution, token_batches, train_loop)
 
 PUBLISHED_HINT = ("Pass an adapter folder with --method-args kangaroo:adapter=PATH or KANGAROO_ADAPTER=PATH (the "
                   "published Vicuna-7B adapter, Equationliu/Kangaroo: config.json + pytorch_model.bin, has no hub "
-                  "id), or train one with `make train MODEL=<model> METHOD=kangaroo` (on a GPU for Vicuna).")
+                  "id), or train one with `make train MODEL={model} METHOD=kangaroo` (on a GPU for Vicuna).")
 DEFAULT_EXIT_LAYER = {"vicuna-13b": 3}  # else 2 (the paper's choice for Vicuna-7B)
 
 
@@ -54,12 +55,6 @@ class KangarooAdapter(nn.Module):
         nn.init.zeros_(own.self_attn.o_proj.weight)  # start as the identity: shallow exit -> final norm -> head
 
 
-def random_fallback_allowed(model: Transformer) -> bool:
-    """Untrained (seeded random) drafters are for the random test models only; a real model
-    without a checkpoint is skipped by default sweeps and an error when asked for by name."""
-    return model.alias is None or model.alias.startswith("tiny-")
-
-
 def load_adapter(folder: Path, model: Transformer) -> tuple[KangarooAdapter, dict]:
     """Our checkpoint (model.safetensors) or the published one (pytorch_model.bin); all tensors
     must be present with the model's shapes."""
@@ -71,23 +66,18 @@ def load_adapter(folder: Path, model: Transformer) -> tuple[KangarooAdapter, dic
     return adapter, config
 
 
-def draft_head(model: Transformer, ranking: torch.Tensor | None, size: int) -> tuple[Linear, torch.Tensor | None]:
-    """The LM head restricted to the `size` most frequent tokens (a copy of those rows), or the
-    model's own head when size is 0 or covers the vocabulary. Returns (head, token ids or None)."""
-    vocab = model.config.vocab_size
-    if size <= 0 or size >= vocab:
-        return model.lm_head, None
-    if ranking is None:
-        raise ValueError("draft_vocab needs a token frequency ranking; none is available for this model")
-    ids = ranking[:size].to(model.device)
-    head = Linear(model.config.hidden_size, size, bias=False, device="meta")
-    head.weight = nn.Parameter(model.lm_head.weight.detach()[ids].clone(), requires_grad=False)
-    head.use_path(model.matmul)
-    return head, ids
+def random_adapter(model: Transformer) -> KangarooAdapter:
+    """A seeded random adapter, for the tiny test models."""
+    generator = torch.Generator().manual_seed(0)
+    adapter = KangarooAdapter(model)
+    for parameter in adapter.parameters():
+        if parameter.dim() > 1:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
+    return adapter.to(device=model.device, dtype=model.dtype)
 
 
 @register("kangaroo")
-class Kangaroo(Method):
+class Kangaroo(Drafter):
     description = "Kangaroo self-speculative decoding: shallow layers + adapter draft, double early exit"
     options = {
         "adapter": Option(str, None, "checkpoint folder (ours or the published format); default: the committed one"),
@@ -98,125 +88,145 @@ class Kangaroo(Method):
                                    "recommended, else 6)"),
         "draft_vocab": Option(int, 0, "score drafts over the N most frequent tokens only (0: full vocabulary)"),
     }
+    default_sweep = ("kangaroo", "kangaroo+draft_vocab=32768")
+    checkpoint_option, checkpoint_env, missing_hint = "adapter", "KANGAROO_ADAPTER", PUBLISHED_HINT
+    tuning_grid = tuple({"threshold": eta, "steps": steps} for eta in (0.2, 0.4, 0.6) for steps in (2, 4, 6))
+    # threshold 0: an untrained adapter drafts at every step too, so verification of k tokens is exercised
+    selftest_variants = ({}, {"threshold": 0.0})
 
     def __init__(self, model: Transformer, **options):
         super().__init__(model, **options)
-        self.checkpoints: dict[str, str] = {}
-        folder = self.settings["adapter"] or os.environ.get("KANGAROO_ADAPTER")
-        folder = Path(folder) if folder else checkpoints.committed_checkpoint(model.alias, "kangaroo")
-        ranking, recommended = None, {}
-        if folder is not None:
-            self.adapter, config = load_adapter(folder, model)
-            self.checkpoints = checkpoints.folder_hashes(folder)
-            ranking = checkpoints.read_vocab_ranking(folder)
+        trained_exit = None
+        if self.folder is not None:
+            self.adapter, config = load_adapter(self.folder, model)
             trained_exit = config.get("options", {}).get("exit_layer", config.get("exit_layer"))
-            recommended = config.get("recommended", {})
-        elif not random_fallback_allowed(model):
-            raise MissingCheckpoint(f"no Kangaroo adapter for {model.alias}. {PUBLISHED_HINT}")
         else:
-            warnings.warn(f"kangaroo: no adapter for {model.alias or 'this model'}; using a seeded random "
-                          f"initialization (lossless, but its drafts are rarely accepted). Train one with "
-                          f"`python -m bench train --method kangaroo`.", stacklevel=2)
-            generator = torch.Generator().manual_seed(0)
-            self.adapter = KangarooAdapter(model)
-            for name, parameter in self.adapter.named_parameters():
-                if parameter.dim() > 1:
-                    parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
-            self.adapter.to(device=model.device, dtype=model.dtype)
-            trained_exit = None
-        for key, paper in (("threshold", 0.6), ("steps", 6)):
-            if self.settings[key] is None:
-                self.settings[key] = recommended.get(key, paper)
-        default_exit = DEFAULT_EXIT_LAYER.get(model.alias or "", 2)
-        self.exit_layer = self.settings["exit_layer"] or trained_exit or default_exit
+            self.adapter = random_adapter(model)
+        self.recommend("threshold", 0.6)
+        self.recommend("steps", 6)
+        self.exit_layer = self.settings["exit_layer"] or trained_exit or DEFAULT_EXIT_LAYER.get(model.alias or "", 2)
         self.settings["exit_layer"] = self.exit_layer
         if not 1 <= self.exit_layer < model.config.num_layers:
             raise ValueError(f"kangaroo: exit_layer must be in 1..{model.config.num_layers - 1}")
         if trained_exit and self.exit_layer != trained_exit:
             warnings.warn(f"kangaroo: the adapter was trained at exit layer {trained_exit}, used at {self.exit_layer}")
-        if ranking is None and self.settings["draft_vocab"] and model.vocab_ranking is not None:
-            ranking = model.vocab_ranking()
         self.adapter.requires_grad_(False).eval()
         set_matmul_path(self.adapter, model.matmul)
-        self.head, self.head_ids = draft_head(model, ranking, self.settings["draft_vocab"])
-        if self.head_ids is None:
-            self.settings["draft_vocab"] = 0  # a draft vocabulary as large as the model's is the full one
-        self._adapter_cache: KVCache | None = None
+        self.use_draft_vocab(self.settings["draft_vocab"])
 
-    def overhead(self) -> Overhead:
-        params = sum(p.numel() for p in self.adapter.parameters())
-        extra = module_bytes(self.adapter)
-        if self.head_ids is not None:
-            extra += module_bytes(self.head)
-        if self._adapter_cache is not None:
-            extra += self._adapter_cache.nbytes
-        return Overhead(trained_params=params, extra_memory_bytes=extra)
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.adapter]
 
-    def adapter_cache(self, needed: int) -> KVCache:
-        if self._adapter_cache is None or self._adapter_cache.max_len < needed:
-            self._adapter_cache = None  # freed before the larger one is allocated
-            self._adapter_cache = self.model.new_cache(-(-needed // 256) * 256, num_layers=1)
-        return self._adapter_cache
-
-    def propose(self, adapted: torch.Tensor, produced: int) -> tuple[float, int]:
-        """(top-1 probability, token id) of the next draft from the adapter's output [1, 1, H];
-        `produced` is the index of that token among the new tokens (tests override this to feed
-        oracle drafts)."""
+    def propose(self, adapted: torch.Tensor, produced: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-1 probability [1], token id [1, 1]) of the next draft from the adapter's output
+        [1, 1, H], on the device; `produced` is the index of that token among the new tokens (tests
+        override this to feed oracle drafts)."""
         logits = self.head(self.adapter.norm(adapted))[0, -1].float()  # [V or draft_vocab]
         cap = self.model.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
         probability, index = torch.softmax(logits, dim=-1).max(dim=-1)
-        token = int(index) if self.head_ids is None else int(self.head_ids[index])
-        return float(probability), token
+        token = index if self.head_ids is None else self.head_ids[index]
+        return probability.view(1), token.view(1, 1)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
-        started = time.perf_counter()
-        model, stops, exit_layer = self.model, set(stop_ids), self.exit_layer
-        shallow_layers, deep_layers = range(0, exit_layer), range(exit_layer, model.config.num_layers)
+        model = self.model
+        shallow_layers, deep_layers = range(0, self.exit_layer), range(self.exit_layer, model.config.num_layers)
         gamma, threshold, block = self.settings["steps"], self.settings["threshold"], self.adapter.layers[0]
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device)
         needed = len(prompt_ids) + max_new_tokens + gamma + 2
-        cache, adapter_cache = self.cache(needed), self.adapter_cache(needed)
+        cache, adapter_cache = self.cache(needed), self.draft_cache("adapter", needed, num_layers=1)
 
-        prompt = torch.tensor([prompt_ids], device=model.device)
+        prompt = core.prompt_tensor(prompt_ids, model.device)
         shallow = model.forward_layers(model.embed(prompt), cache, 0, layers=shallow_layers)  # [1, P, H]
         model.forward_block(block, shallow, adapter_cache, 0)  # the adapter's KV for the prompt
         hidden = model.forward_layers(shallow, cache, 0, layers=deep_layers)
-        pending = int(greedy(model.logits(hidden[:, -1:])[0, -1]))  # committed, not yet in the cache
-        prefill_seconds = time.perf_counter() - started
-        length = len(prompt_ids)  # slots filled; `pending` goes to slot `length`
-        new_ids, accept_lengths, draft_lengths = [pending], [1], [0]
-        while pending not in stops and len(new_ids) < max_new_tokens:
-            budget = min(gamma, max_new_tokens - len(new_ids) - 1)
-            features, drafts, token = [], [], pending
+        core.commit_first(state, model.logits(hidden[:, -1:])[0, -1])
+        while not state.done:
+            budget = min(gamma, state.budget)
+            features, drafts, token = [], [], state.pending
             while True:  # draft: shallow layers + adapter, one token at a time
-                slot = length + len(drafts)
-                feature = model.forward_layers(model.embed(torch.tensor([[token]], device=model.device)),
-                                               cache, slot, layers=shallow_layers)  # [1, 1, H]
+                slot = state.length + len(drafts)
+                feature = model.forward_layers(model.embed(token), cache, slot, layers=shallow_layers)  # [1, 1, H]
                 features.append(feature)
                 adapted = model.forward_block(block, feature, adapter_cache, slot)  # keeps the adapter's KV whole
                 if len(drafts) >= budget:
                     break
-                probability, token = self.propose(adapted, len(new_ids) + len(drafts))
-                if probability < threshold:  # the second early exit
+                probability, token = self.propose(adapted, len(state.new_ids) + len(drafts))
+                (confidence,) = core.read_back(probability, purpose="draft")
+                if confidence < threshold:  # the second early exit
                     break
                 drafts.append(token)
             # verify: the deep layers on the saved features of [pending, drafts...]
-            hidden = model.forward_layers(torch.cat(features, dim=1), cache, length, layers=deep_layers)
-            target = greedy(model.logits(hidden)[0]).tolist()  # [1 + k]
-            accepted = longest_accepted_prefix(drafts, target)
-            committed = drafts[:accepted] + [target[accepted]]
-            for i, committed_token in enumerate(committed):
-                if committed_token in stops:
-                    committed = committed[:i + 1]
-                    break
-            length += accepted + 1
-            new_ids += committed
-            accept_lengths.append(len(committed))
-            draft_lengths.append(len(drafts))
-            pending = committed[-1]
-        return Generation(new_ids, accept_lengths, draft_lengths, prefill_seconds=prefill_seconds)
+            hidden = model.forward_layers(torch.cat(features, dim=1), cache, state.length, layers=deep_layers)
+            core.verify_linear(state, model.logits(hidden)[0], torch.cat(drafts).view(-1) if drafts else None)
+        return state.result()
+
+    # ---- hooks read by bench/ ------------------------------------------------------------------
+    @classmethod
+    def profile(cls, runtime, cache, context, add):
+        """One draft step (shallow layers, adapter, head) with the full and the 32k draft
+        vocabulary, and the deep-layer verification of 1 + k tokens."""
+        token = torch.ones(1, 1, dtype=torch.long, device=runtime.device)
+        for draft_vocab in (0, 32768):
+            kangaroo = cls(runtime, draft_vocab=draft_vocab)
+            adapter_cache = kangaroo.draft_cache("adapter", cache.max_len, num_layers=1)
+            shallow = range(0, kangaroo.exit_layer)
+
+            def draft_step(kangaroo=kangaroo, adapter_cache=adapter_cache, shallow=shallow):
+                feature = runtime.forward_layers(runtime.embed(token), cache, context, layers=shallow)
+                adapted = runtime.forward_block(kangaroo.adapter.layers[0], feature, adapter_cache, context)
+                return kangaroo.propose(adapted, 0)
+            add("kangaroo_draft" + (f"_vocab{draft_vocab}" if draft_vocab else ""), 1, draft_step)
+        deep = range(kangaroo.exit_layer, runtime.config.num_layers)
+        for k in (1, 2, 4, 8, 16):
+            hidden = torch.randn(1, k, runtime.config.hidden_size, dtype=runtime.dtype, device=runtime.device)
+            add("kangaroo_verify", k, lambda hidden=hidden: runtime.logits(
+                runtime.forward_layers(hidden, cache, context, layers=deep)).argmax(-1))
+
+    train_options = {"exit_layer": Option(int, 2, "l: layers the draft shares with the target")}
+
+    @classmethod
+    def train(cls, job: TrainingJob) -> dict:
+        """Soft distillation of a new adapter (or `job.resume`'s) onto the full model at the same
+        position; evaluates held-out agreement and saves the checkpoint."""
+        runtime, exit_layer, lr = job.runtime, job.options["exit_layer"], job.lr or 5e-4
+        torch.manual_seed(job.seed)
+        train_set = precompute_features(runtime, job.train, exit_layer, desc="features (train)")
+        held_out = precompute_features(runtime, job.held_out, exit_layer, desc="features (held-out)")
+        previous = None
+        if job.resume is not None:
+            adapter, previous = load_adapter(job.resume, runtime)
+            trained_at = previous.get("options", {}).get("exit_layer")
+            if trained_at != exit_layer:
+                raise ValueError(f"{job.resume} was trained at exit layer {trained_at}, not {exit_layer}")
+        else:
+            adapter = KangarooAdapter(runtime).to(dtype=runtime.dtype)
+            adapter.initialize_from(runtime, exit_layer)
+            head, _ = candidate_head(runtime, job.ranking, job.candidates)
+            factor = calibrate_norm(runtime, adapter, train_set.shallow[0], train_set.final[0], head)
+            print(f"[train] adapter norm scaled by {factor:.3f} (the loss-minimizing start)", file=sys.stderr)
+        report = train_adapter(runtime, adapter, train_set, held_out, job.ranking, job.candidates, job.minutes,
+                               job.epochs, lr)
+        evaluation = evaluate_adapter(runtime, adapter, held_out, job.ranking, job.candidates)
+        objective = ("soft distillation -sum p log q onto the full model at the same position, over the "
+                     f"{job.candidates} most frequent tokens")
+        config = {"method": "kangaroo", "base_model": job.alias, "family": job.family,
+                  "shapes": {k: list(v.shape) for k, v in adapter.state_dict().items()},
+                  "options": {"exit_layer": exit_layer, "draft_vocab_trained": job.candidates},
+                  "provenance": job.provenance(job.history(previous, report, lr, train_set.tokens), objective,
+                                               train_set.tokens, held_out.tokens, evaluation)}
+        checkpoints.save(job.out, adapter.state_dict(), config, vocab_ranking=job.ranking[:65536])
+        return config
+
+    @classmethod
+    def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:
+        gamma, vocab = int(options.get("steps") or 0), options.get("draft_vocab") or 0
+        draft = profile.ms("kangaroo_draft" + (f"_vocab{vocab}" if vocab else ""))
+        if not gamma or draft is None or profile.forward(1) is None:
+            return None
+        return StepCosts(gamma, profile.forward(1), gamma * draft, profile.forward(gamma + 1))
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -226,7 +236,6 @@ def calibrate_norm(model: Transformer, adapter: KangarooAdapter, shallow: torch.
     """Scale the adapter's final norm by the factor (of a log grid) that minimizes the distillation
     loss on one sequence: a shallow exit through the final norm is confidently wrong over the
     whole vocabulary, and a student that starts nearer uniform learns faster. Returns the factor."""
-    from methods.train import soft_distillation_loss, teacher_distribution
     student = adapter_outputs(model, adapter, shallow)
     softcap = model.config.final_logit_softcapping
     teacher = teacher_distribution(final.to(student.device), head, softcap)
@@ -253,8 +262,6 @@ def train_adapter(model: Transformer, adapter: KangarooAdapter, train_set, held_
                   batch_tokens: int = 2048):
     """Soft distillation of the adapter onto the full model's distribution at the same position
     (-Σ p·log q over the `candidates` most frequent tokens), assistant positions only."""
-    from methods.train import (candidate_head, soft_distillation_loss, teacher_distribution, token_batches,
-                               train_loop)
     head, _ = candidate_head(model, ranking, candidates)
     softcap = model.config.final_logit_softcapping
     batches = token_batches(train_set.loss_masks, batch_tokens)
@@ -281,7 +288,6 @@ def evaluate_adapter(model: Transformer, adapter: KangarooAdapter, held_out, ran
     """Held-out agreement with the full model's greedy token: top-1 over the full vocabulary and
     over the candidate vocabulary, and per threshold eta the share of positions whose draft
     probability reaches eta and how often those drafts are right."""
-    from methods.train import candidate_head
     head, head_ids = candidate_head(model, ranking, candidates)
     full_head = model.lm_head.weight.detach().float()
     right_full = right_candidates = total = 0

@@ -11,18 +11,18 @@ accepted, plus the target's token after it, and the accepted nodes' KV entries a
 from __future__ import annotations
 
 import json
-import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from methods import Generation, Method, MissingCheckpoint, Option, Overhead, greedy, register
-from methods import checkpoints
-from methods.kangaroo import draft_head, random_fallback_allowed
-from methods.runtime import Linear, Transformer, module_bytes, set_matmul_path
+from methods import Generation, MissingCheckpoint, Option, ProfileTable, StepCosts, checkpoints, core, register
+from methods.drafter import Drafter
+from methods.products import Linear, set_matmul_path
+from methods.runtime import Transformer
+from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
+                           teacher_distribution, token_batches, train_loop)
+from methods.tree import Tree
 
 TREES = Path(__file__).resolve().parent / "trees"
 PUBLISHED = {"vicuna-7b": "FasterDecoding/medusa-vicuna-7b-v1.3", "vicuna-13b": "FasterDecoding/medusa-vicuna-13b-v1.3",
@@ -88,105 +88,49 @@ def read_tree(name_or_path: str) -> list[tuple[int, ...]]:
         raise ValueError(f"unknown tree {name_or_path!r}; named trees: {', '.join(names)} (or a JSON file path)")
     content = json.loads(path.read_text())
     paths = [tuple(int(i) for i in p) for p in (content["paths"] if isinstance(content, dict) else content)]
-    known = set(paths)
-    for p in paths:
-        if not p or any(i < 0 for i in p) or (len(p) > 1 and p[:-1] not in known):
-            raise ValueError(f"tree {name_or_path}: path {list(p)} is empty, negative or lacks its parent")
+    try:
+        Tree.from_paths(paths)
+    except ValueError as error:
+        raise ValueError(f"tree {name_or_path}: {error}") from None
     return paths
 
 
-@dataclass
-class Tree:
-    """Index tensors for one tree; node 0 is the root (the pending token), nodes 1..n the paths
-    sorted by depth, then rank."""
-    paths: list[tuple[int, ...]]
-    depth: torch.Tensor  # [n + 1] root 0
-    mask: torch.Tensor  # [n + 1, n + 1] bool: node i sees node j (ancestors and itself)
-    head_of_node: torch.Tensor  # [n] which head (0-based) proposes node i + 1
-    rank_of_node: torch.Tensor  # [n] its rank among that head's top-k
-    leaf_paths: torch.Tensor  # [leaves, max_depth + 1] node indices root..leaf, padded with -1
-    top_k: int
-
-    @classmethod
-    def build(cls, paths: list[tuple[int, ...]], device) -> "Tree":
-        paths = sorted(set(paths), key=lambda p: (len(p), p))
-        index = {p: i + 1 for i, p in enumerate(paths)}
-        n = len(paths)
-        mask = torch.eye(n + 1, dtype=torch.bool)
-        mask[:, 0] = True
-        for p, i in index.items():
-            for length in range(1, len(p)):
-                mask[i, index[p[:length]]] = True
-        leaves = [p for p in paths if not any(q[:len(p)] == p and len(q) == len(p) + 1 for q in paths)]
-        longest = max(len(p) for p in paths)
-        leaf_paths = torch.full((len(leaves), longest + 1), -1, dtype=torch.long)
-        for row, leaf in enumerate(leaves):
-            leaf_paths[row, 0] = 0
-            for length in range(1, len(leaf) + 1):
-                leaf_paths[row, length] = index[leaf[:length]]
-        return cls(paths, torch.tensor([0] + [len(p) for p in paths], device=device), mask.to(device),
-                   torch.tensor([len(p) - 1 for p in paths], device=device),
-                   torch.tensor([p[-1] for p in paths], device=device), leaf_paths.to(device),
-                   max(max(p) for p in paths) + 1)
-
-    @property
-    def max_depth(self) -> int:
-        return self.leaf_paths.shape[1] - 1
-
-
-def accept_path(tree: Tree, tokens: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Greedy acceptance: `tokens` [n + 1] tree tokens, `target` [n + 1] the target's argmax at each
-    node. Returns (accepted node indices root..last accepted [j + 1], j)."""
-    paths = tree.leaf_paths  # [L, D + 1]
-    valid = paths[:, 1:] >= 0
-    children = tokens[paths[:, 1:].clamp(min=0)]  # [L, D]
-    predicted = target[paths[:, :-1].clamp(min=0)]  # [L, D]: the target's token after each parent
-    matches = ((children == predicted) & valid).int().cumprod(dim=1)  # [L, D]
-    lengths = matches.sum(dim=1)
-    best = int(lengths.argmax())
-    accepted = int(lengths[best])
-    return paths[best, :accepted + 1], accepted
+def random_heads(model: Transformer, num_heads: int, share_lm_head: bool) -> nn.ModuleList:
+    """Seeded random heads, for the tiny test models."""
+    torch.manual_seed(0)
+    heads = build_heads(model.config.hidden_size, model.config.vocab_size, num_heads, share_lm_head)
+    for block in heads:
+        nn.init.normal_(block[0].linear.weight, std=0.02)
+    return heads.to(device=model.device, dtype=model.dtype)
 
 
 @register("medusa")
-class Medusa(Method):
+class Medusa(Drafter):
     description = "Medusa-1 decoding heads with tree verification"
     options = {
         "heads": Option(str, None, "checkpoint folder (ours or the published format); default: the committed one"),
-        "num_heads": Option(int, None, "use the first K heads (default: all heads of the checkpoint)"),
+        "num_heads": Option(int, None, "use the first K heads (default: all heads of the checkpoint that the tree reaches)"),
         "tree": Option(str, None, "a named tree (mc_sim_7b_63, chain_4, ...) or a JSON file of paths "
                                   "(default: the checkpoint's, else mc_sim_7b_63)"),
         "share_lm_head": Option(bool, None, "heads score with the target's LM head (default: as the checkpoint holds)"),
         "draft_vocab": Option(int, None, "heads score the N most frequent tokens only (default: the checkpoint's, "
                                          "else 0 = full vocabulary)"),
     }
+    default_sweep = ("medusa",)
+    verifies_every_step = {}  # a whole tree every step
+    checkpoint_option = "heads"
+    missing_hint = "Pass --method-args medusa:heads=PATH, or train heads with `make train MODEL={model} METHOD=medusa`."
+    tuning_grid = tuple({"tree": name} for name in ("chain_2", "chain_3", "chain_4", "small_7", "medium_15",
+                                                      "mc_sim_7b_63"))
 
     def __init__(self, model: Transformer, **options):
         super().__init__(model, **options)
-        self.checkpoints: dict[str, str] = {}
-        cfg, settings = model.config, self.settings
-        folder = Path(settings["heads"]) if settings["heads"] else checkpoints.committed_checkpoint(model.alias, "medusa")
-        if folder is None and model.alias in PUBLISHED:
-            folder = fetch_published(model.alias)
-        if folder is None and not random_fallback_allowed(model):
-            raise MissingCheckpoint(f"no Medusa heads for {model.alias}: pass --method-args medusa:heads=PATH or "
-                                    f"train some with `make train MODEL={model.alias} METHOD=medusa`")
-        recommended, ranking = {}, None
-        if folder is not None:
-            self.heads, shared, config = load_heads(folder, model)
-            self.checkpoints = checkpoints.folder_hashes(folder)
-            ranking = checkpoints.read_vocab_ranking(folder)
-            recommended = config.get("recommended", {})
+        settings = self.settings
+        if self.folder is not None:
+            self.heads, shared, _ = load_heads(self.folder, model)
         else:
-            warnings.warn(f"medusa: no heads for {model.alias or 'this model'}; using seeded random heads "
-                          f"(lossless, but their drafts are rarely accepted). Train some with "
-                          f"`python -m bench train --method medusa`.", stacklevel=2)
             shared = True if settings["share_lm_head"] is None else settings["share_lm_head"]
-            torch.manual_seed(0)
-            self.heads = build_heads(cfg.hidden_size, cfg.vocab_size, settings["num_heads"] or 4, shared)
-            for block in self.heads:
-                nn.init.normal_(block[0].linear.weight, std=0.02)
-            self.heads.to(device=model.device, dtype=model.dtype)
+            self.heads = random_heads(model, settings["num_heads"] or 4, shared)
         if settings["share_lm_head"] is not None and settings["share_lm_head"] != shared:
             raise ValueError(f"share_lm_head={settings['share_lm_head']} does not fit the checkpoint, which "
                              f"{'shares' if shared else 'holds its own'} LM heads")
@@ -195,35 +139,26 @@ class Medusa(Method):
             if not 1 <= settings["num_heads"] <= len(self.heads):
                 raise ValueError(f"num_heads must be in 1..{len(self.heads)} for this checkpoint")
             self.heads = self.heads[:settings["num_heads"]]
-        settings["num_heads"] = len(self.heads)
-        settings["tree"] = settings["tree"] or recommended.get("tree", "mc_sim_7b_63")
-        settings["draft_vocab"] = settings["draft_vocab"] if settings["draft_vocab"] is not None \
-            else recommended.get("draft_vocab", 0)
-        paths = [p for p in read_tree(settings["tree"]) if len(p) <= len(self.heads)]
-        self.tree = Tree.build(paths, model.device)
+        self.recommend("tree", "mc_sim_7b_63")
+        self.recommend("draft_vocab", 0)
+        self.tree = Tree.from_paths([p for p in read_tree(settings["tree"]) if len(p) <= len(self.heads)], model.device)
+        self.node_head, self.node_rank = self.tree.depth[1:] - 1, self.tree.rank[1:]  # who proposes node i + 1
         # only the heads the tree reaches run (and count as overhead): a 4-deep tree on the published
         # 5-head file never computes the fifth head's 32000 x 4096 product
         self.heads = self.heads[:self.tree.max_depth]
         settings["num_heads"] = len(self.heads)
         self.heads.requires_grad_(False).eval()
         set_matmul_path(self.heads, model.matmul)
-        if settings["draft_vocab"] and ranking is None and model.vocab_ranking is not None:
-            ranking = model.vocab_ranking()
         if shared:
-            self.head, self.head_ids = draft_head(model, ranking, settings["draft_vocab"])
-            if self.head_ids is None:
-                settings["draft_vocab"] = 0  # as large as the model's vocabulary: the full one
-        else:
-            self.head, self.head_ids = None, None
-            if settings["draft_vocab"]:
-                raise ValueError("draft_vocab needs share_lm_head (heads with their own LM heads score the full vocabulary)")
+            self.use_draft_vocab(settings["draft_vocab"])
+        elif settings["draft_vocab"]:
+            raise ValueError("draft_vocab needs share_lm_head (heads with their own LM heads score the full vocabulary)")
 
-    def overhead(self) -> Overhead:
-        params = sum(p.numel() for p in self.heads.parameters())
-        extra = module_bytes(self.heads)
-        if self.head_ids is not None:
-            extra += module_bytes(self.head)
-        return Overhead(trained_params=params, extra_memory_bytes=extra)
+    def published_checkpoint(self) -> Path | None:
+        return fetch_published(self.model.alias) if self.model.alias in PUBLISHED else None
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.heads]
 
     def candidates(self, normed: torch.Tensor) -> torch.Tensor:
         """The top-k token ids of every head from the normed hidden state [H]: [heads, top_k]."""
@@ -236,47 +171,84 @@ class Medusa(Method):
         return top if self.head_ids is None else self.head_ids[top]
 
     def propose(self, normed: torch.Tensor, produced: int) -> torch.Tensor:
-        """Tokens of the tree nodes 1..n; `produced` is the index among the new tokens of the token
-        after the pending one (tests override this to feed oracle drafts)."""
-        top = self.candidates(normed)
-        return top[self.tree.head_of_node, self.tree.rank_of_node]
+        """Tokens of the tree nodes 1..n-1 [n - 1]; `produced` is the index among the new tokens of the
+        token after the pending one (tests override this to feed oracle drafts)."""
+        return self.candidates(normed)[self.node_head, self.node_rank]
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
-        started = time.perf_counter()
-        model, stops, tree = self.model, set(stop_ids), self.tree
-        n = tree.depth.numel()
-        cache = self.cache(len(prompt_ids) + max_new_tokens + n + 1)
-        hidden = model.forward_layers(model.embed(torch.tensor([prompt_ids], device=model.device)), cache, 0)
+        model, tree = self.model, self.tree
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device)
+        cache = self.cache(len(prompt_ids) + max_new_tokens + tree.size + 1)
+        hidden = model.forward_layers(model.embed(core.prompt_tensor(prompt_ids, model.device)), cache, 0)
         normed = model.norm(hidden[0, -1])  # [H]
-        pending = int(greedy(model.lm_head(normed)))
-        prefill_seconds = time.perf_counter() - started
-        length = len(prompt_ids)  # slots filled; `pending` goes to slot `length`
-        new_ids, accept_lengths, draft_lengths = [pending], [1], [0]
-        while pending not in stops and len(new_ids) < max_new_tokens:
-            budget = max_new_tokens - len(new_ids) - 1
-            nodes = torch.cat((torch.tensor([pending], device=model.device), self.propose(normed, len(new_ids))))
-            hidden = model.forward_layers(model.embed(nodes[None]), cache, length, positions=length + tree.depth,
-                                          tree_mask=tree.mask)  # [1, n, H]
+        core.commit_first(state, model.lm_head(normed))
+        while not state.done:
+            nodes = torch.cat((state.pending.view(1), self.propose(normed, len(state.new_ids))))  # [n]
+            hidden = model.forward_layers(model.embed(nodes[None]), cache, state.length,
+                                          positions=tree.positions(state.length), tree_mask=tree.mask)  # [1, n, H]
             normed_nodes = model.norm(hidden[0])  # [n, H]
-            target = greedy(model.lm_head(normed_nodes[None])[0])  # [n]
-            path, accepted = accept_path(tree, nodes, target)
-            accepted = min(accepted, budget)
-            path = path[:accepted + 1]
-            committed = nodes[path[1:]].tolist() + [int(target[path[-1]])]
-            for i, token in enumerate(committed):
-                if token in stops:
-                    committed = committed[:i + 1]
-                    break
-            if accepted:  # the accepted nodes' KV entries move behind the root
-                cache.move(length + path[1:], length + 1)
-            length += accepted + 1
-            normed = normed_nodes[path[-1]]
-            new_ids += committed
-            accept_lengths.append(len(committed))
-            draft_lengths.append(min(tree.max_depth, budget))
-            pending = committed[-1]
-        return Generation(new_ids, accept_lengths, draft_lengths, prefill_seconds=prefill_seconds)
+            path, accepted = core.verify_tree(state, tree, model.lm_head(normed_nodes[None])[0], nodes, cache)
+            normed = normed_nodes[path[accepted:accepted + 1]][0]  # the last accepted node's state (no sync)
+        return state.result()
+
+    # ---- hooks read by bench/ ------------------------------------------------------------------
+    PROFILED_TREES = ("chain_2", "chain_4", "small_7", "medium_15", "mc_sim_7b_63")
+
+    @classmethod
+    def profile(cls, runtime, cache, context, add):
+        """The heads' draft step, and the tree verification of every shipped tree."""
+        normed = runtime.norm(torch.randn(runtime.config.hidden_size, dtype=runtime.dtype, device=runtime.device))
+        for name in cls.PROFILED_TREES:
+            medusa = cls(runtime, tree=name)
+            if name == cls.PROFILED_TREES[0]:
+                add("medusa_draft", 1, lambda medusa=medusa: medusa.propose(normed, 0))
+            nodes = torch.zeros(1, medusa.tree.size, dtype=torch.long, device=runtime.device)
+
+            def verify(tree=medusa.tree, nodes=nodes):
+                hidden = runtime.forward_layers(runtime.embed(nodes), cache, context,
+                                                positions=tree.positions(context), tree_mask=tree.mask)
+                return runtime.lm_head(runtime.norm(hidden)).argmax(-1)
+            add(f"medusa_verify_{name}", medusa.tree.size, verify)
+
+    train_options = {"num_heads": Option(int, 4, "heads to train (head k predicts the token k + 1 ahead)")}
+
+    @classmethod
+    def train(cls, job: TrainingJob) -> dict:
+        """Self-distillation of new heads sharing the model's LM head (or `job.resume`'s); evaluates
+        held-out top-1/top-10 per head and saves the checkpoint."""
+        runtime, lr = job.runtime, job.lr or 1e-3
+        torch.manual_seed(job.seed)
+        train_set = precompute_features(runtime, job.train, None, desc="features (train)")
+        held_out = precompute_features(runtime, job.held_out, None, desc="features (held-out)")
+        previous = None
+        if job.resume is not None:
+            heads, shared, previous = load_heads(job.resume, runtime)
+            if not shared:
+                raise ValueError(f"{job.resume} holds per-head LM heads; training here shares the model's LM head")
+        else:
+            heads = build_heads(runtime.config.hidden_size, runtime.config.vocab_size, job.options["num_heads"], True)
+            heads.to(device=runtime.device, dtype=runtime.dtype)
+        report = train_heads(runtime, heads, train_set, job.ranking, job.candidates, job.minutes, job.epochs, lr)
+        evaluation = evaluate_heads(runtime, heads, held_out, job.ranking, job.candidates)
+        objective = ("self-distillation: head k learns the full model's distribution k positions later "
+                     f"(-sum p log q over the {job.candidates} most frequent tokens, weight 0.8^k)")
+        config = {"method": "medusa", "base_model": job.alias, "family": job.family,
+                  "shapes": {k: list(v.shape) for k, v in heads.state_dict().items()},
+                  "options": {"num_heads": len(heads), "share_lm_head": True, "draft_vocab_trained": job.candidates},
+                  "recommended": {"draft_vocab": job.candidates},
+                  "provenance": job.provenance(job.history(previous, report, lr, train_set.tokens), objective,
+                                               train_set.tokens, held_out.tokens, evaluation)}
+        checkpoints.save(job.out, heads.state_dict(), config, vocab_ranking=job.ranking[:65536])
+        return config
+
+    @classmethod
+    def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:
+        gamma = int(options.get("num_heads") or 0)
+        draft, verify = profile.ms("medusa_draft"), profile.ms(f"medusa_verify_{options.get('tree')}")
+        if not gamma or draft is None or verify is None or profile.forward(1) is None:
+            return None
+        return StepCosts(gamma, profile.forward(1), draft, verify)
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -286,8 +258,6 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
     """Self-distillation of the heads (shared, frozen LM head): head k at position t learns the
     full model's distribution at position t + k (its prediction of token t + k + 1), over the
     `candidates` most frequent tokens; head k's loss is weighted decay**k, as Medusa-1."""
-    from methods.train import (candidate_head, soft_distillation_loss, teacher_distribution, token_batches,
-                               train_loop)
     head, _ = candidate_head(model, ranking, candidates)
     softcap = model.config.final_logit_softcapping
     batches = token_batches(train_set.loss_masks, batch_tokens)
@@ -322,7 +292,6 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
 def evaluate_heads(model: Transformer, heads: nn.ModuleList, held_out, ranking: torch.Tensor,
                    candidates: int = 32768, top_k: int = 10) -> dict:
     """Held-out top-1 and top-k agreement of head k with the full model's token at t + k + 1."""
-    from methods.train import candidate_head
     head, head_ids = candidate_head(model, ranking, candidates)
     full_head = model.lm_head.weight.detach().float()
     results = []

@@ -8,21 +8,10 @@ decodes one token, exactly as `vanilla` does.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
-from methods import Generation, Method, Option, greedy, register
-
-
-def longest_accepted_prefix(drafts: list[int], target: list[int]) -> int:
-    """How many drafts match the target's greedy tokens, in order. target[i] is the target's
-    choice after the pending token and drafts[:i]; it has one entry more than drafts."""
-    accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == target[accepted]:
-        accepted += 1
-    return accepted
+from methods import Generation, Method, Option, ProfileTable, StepCosts, core, register
 
 
 def lookup_draft(tokens: np.ndarray, max_ngram: int, num_draft: int) -> list[int]:
@@ -43,6 +32,8 @@ def lookup_draft(tokens: np.ndarray, max_ngram: int, num_draft: int) -> list[int
 @register("pld")
 class PromptLookup(Method):
     description = "prompt lookup decoding: drafts copied from matching n-grams of the prompt and output"
+    default_sweep = ("pld",)
+    verifies_every_step = {}  # the tiny models' greedy text repeats, so lookups match almost every step
     options = {
         "max_ngram": Option(int, 3, "longest suffix n-gram looked up (then shorter ones, down to 1)"),
         "num_draft": Option(int, 10, "tokens drafted per match"),
@@ -53,40 +44,37 @@ class PromptLookup(Method):
         if self.settings["max_ngram"] < 1 or self.settings["num_draft"] < 1:
             raise ValueError("pld: max_ngram and num_draft must be at least 1")
 
+    @classmethod
+    def profile(cls, runtime, cache, context, add):
+        sequence = np.random.default_rng(0).integers(0, 1000, context)
+        add("pld_lookup", 1, lambda: lookup_draft(sequence, 3, 10))
+
+    @classmethod
+    def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:
+        gamma, lookup = int(options.get("num_draft") or 0), profile.ms("pld_lookup", context="max")
+        if not gamma or lookup is None or profile.forward(1) is None:
+            return None
+        return StepCosts(gamma, profile.forward(1), lookup, profile.forward(gamma + 1))
+
     def draft(self, tokens: np.ndarray) -> list[int]:
         """Drafts for the sequence `tokens` (prompt + output so far); tests may replace this."""
         return lookup_draft(tokens, self.settings["max_ngram"], self.settings["num_draft"])
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
-        started = time.perf_counter()
-        model, stops = self.model, set(stop_ids)
+        model = self.model
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device)
         cache = self.cache(len(prompt_ids) + max_new_tokens + self.settings["num_draft"] + 1)
-        tokens = np.empty(len(prompt_ids) + max_new_tokens, dtype=np.int64)  # prompt + output so far
+        tokens = np.empty(len(prompt_ids) + max_new_tokens, dtype=np.int64)  # prompt + output so far (host)
         tokens[:len(prompt_ids)] = prompt_ids
-        length = len(prompt_ids)
-
-        logits = model.forward(torch.tensor([prompt_ids], device=model.device), cache, 0, last_only=True)
-        pending = int(greedy(logits[0, -1]))  # committed, not yet in the cache
-        prefill_seconds = time.perf_counter() - started
-        tokens[length] = pending
-        length += 1
-        new_ids, accept_lengths, draft_lengths = [pending], [1], [0]
-        while pending not in stops and len(new_ids) < max_new_tokens:
-            budget = max_new_tokens - len(new_ids) - 1  # the bonus token always comes on top
-            drafts = self.draft(tokens[:length])[:budget]
-            step = torch.tensor([[pending] + drafts], device=model.device)  # [1, 1 + k]
-            target = greedy(model.forward(step, cache, length - 1)[0]).tolist()  # [1 + k]
-            accepted = longest_accepted_prefix(drafts, target)
-            committed = drafts[:accepted] + [target[accepted]]
-            for i, token in enumerate(committed):  # stop at the first stop token
-                if token in stops:
-                    committed = committed[:i + 1]
-                    break
-            tokens[length:length + len(committed)] = committed
-            length += len(committed)
-            new_ids += committed
-            accept_lengths.append(len(committed))
-            draft_lengths.append(len(drafts))
-            pending = committed[-1]
-        return Generation(new_ids, accept_lengths, draft_lengths, prefill_seconds=prefill_seconds)
+        filled = len(prompt_ids)
+        logits = model.forward(core.prompt_tensor(prompt_ids, model.device), cache, 0, last_only=True)
+        core.commit_first(state, logits[0, -1])
+        while not state.done:
+            committed = state.new_ids[filled - len(prompt_ids):]
+            tokens[filled:filled + len(committed)] = committed
+            filled += len(committed)
+            drafts = torch.tensor(self.draft(tokens[:filled])[:state.budget], dtype=torch.long, device=model.device)
+            logits = model.forward(core.with_pending(state, drafts), cache, state.length)  # [1, 1 + k, V]
+            core.verify_linear(state, logits[0], drafts)
+        return state.result()

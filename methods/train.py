@@ -11,12 +11,57 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from methods.runtime import Transformer
+
+
+@dataclass
+class Sequence:
+    ids: torch.Tensor  # [T] token ids
+    loss_mask: torch.Tensor  # [T] bool: position t is trained to predict token t + 1 (an answer token)
+
+
+@dataclass
+class TrainingJob:
+    """What `bench train` hands a method's `train` hook: the frozen model, token sequences (their
+    answer positions carry the loss), the candidate vocabulary and the budget. The hook trains,
+    evaluates on `held_out` and saves a checkpoint folder in `out`; it returns that folder's config."""
+    runtime: Transformer
+    alias: str
+    family: str
+    train: list[Sequence]
+    held_out: list[Sequence]
+    ranking: torch.Tensor  # token ids by decreasing frequency
+    out: Path
+    data: str  # where the sequences come from, for the provenance
+    minutes: float = 50
+    epochs: float = 8
+    lr: float | None = None
+    candidates: int = 32768
+    seed: int = 0
+    resume: Path | None = None
+    options: dict = field(default_factory=dict)  # the method's own training options (train_options)
+    started: float = field(default_factory=time.perf_counter)
+
+    def history(self, previous: dict | None, report: "TrainReport", lr: float, tokens: int) -> list[dict]:
+        """The checkpoint's training history: the earlier jobs' (when resumed) and this one."""
+        from methods.checkpoints import git_commit
+        entries = list((previous or {}).get("provenance", {}).get("history", []))
+        entries.append({"tokens": tokens, "epochs": round(report.epochs, 3), "steps": report.steps,
+                        "minutes": round(report.seconds / 60, 2), "final_loss": round(report.final_loss, 4),
+                        "lr": lr, "seed": self.seed, "data": self.data, "git_commit": git_commit()})
+        return entries
+
+    def provenance(self, history: list[dict], objective: str, tokens: int, held_out_tokens: int,
+                   evaluation: dict) -> dict:
+        return {"data": self.data, "objective": objective, "tokens": tokens, "held_out_tokens": held_out_tokens,
+                "total_minutes": round((time.perf_counter() - self.started) / 60, 2), "history": history,
+                "held_out": evaluation}
 
 
 @dataclass

@@ -56,10 +56,10 @@ def one_thread():
     waits for a scheduler slice). hf-generate, which runs the stock library at its default thread
     count, is held to one too."""
     import methods.hf_generate
-    import methods.runtime
+    import methods.products
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(methods.runtime, "DEFAULT_TORCH_THREADS", 1)
+        patch.setattr(methods.products, "DEFAULT_TORCH_THREADS", 1)
         patch.setattr(methods.hf_generate, "DEFAULT_TORCH_THREADS", 1)
         torch.set_num_threads(1)
         try:

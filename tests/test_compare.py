@@ -15,6 +15,7 @@ from bench.__main__ import main
 from bench.compare import compare_command, parse_tolerances
 from bench.errors import UserError
 from bench.metrics import SUMMARY_COLUMNS
+from bench.report import write_report
 from bench.runner import RunSettings
 
 MODEL = "tiny-gemma3-random"  # its greedy output repeats itself, so PLD's drafts are accepted
@@ -161,9 +162,10 @@ def tiny_run(out: Path, questions_file: Path) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return runner.run(RunSettings(model=MODEL, methods="vanilla,pld", categories="summarization,rag", limit=1,
-                                      max_new_tokens=64, questions=str(questions_file), out=str(out),
-                                      matmul="torch"))
+        out = runner.run(RunSettings(model=MODEL, methods="vanilla,pld", categories="summarization,rag", limit=1,
+                                     max_new_tokens=64, questions=str(questions_file), out=str(out), matmul="torch"))
+        write_report(out)
+        return out
     finally:
         torch.set_num_threads(threads)
 

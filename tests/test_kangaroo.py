@@ -45,14 +45,14 @@ def oracle(method, reference: list[int], wrong_at: list[int | None], stop_after:
         if depth >= stop_after[step % len(stop_after)]:
             state["step"] += 1
             state["start"] = None
-            return 0.0, 0
+            return torch.tensor([0.0]), torch.tensor([[0]])
         token = reference[produced] if produced < len(reference) else 0
         if wrong_at[step % len(wrong_at)] == depth:
             token = (token + 1) % 200 + 4
         if depth + 1 >= steps:
             state["step"] += 1
             state["start"] = None
-        return 1.0, token
+        return torch.tensor([1.0]), torch.tensor([[token]])
 
     method.propose = propose
     expected, produced, step = [1], 1, 0
@@ -144,7 +144,7 @@ def test_vicuna_without_an_adapter_says_where_to_get_one(monkeypatch):
 
 def test_training_saves_a_checkpoint_that_loads(tmp_path):
     """A few distillation steps on a tiny model: the loss falls, and the saved folder loads and decodes losslessly."""
-    from bench.training import Sequence
+    from methods.train import Sequence
     from methods import checkpoints
     from methods.kangaroo import train_adapter
     from methods.train import precompute_features

@@ -58,7 +58,7 @@ def test_refuses_unsupported_shapes():
 
 
 def test_a_replaced_weight_is_picked_up():
-    from methods.runtime import Linear
+    from methods.products import Linear
     layer = Linear(16, 8, bias=False)
     layer.requires_grad_(False)
     layer.use_path("kernel")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from methods import get
-from methods.medusa import Tree, accept_path, build_heads, load_heads, read_tree
+from methods.medusa import build_heads, load_heads, read_tree
 from tests.conftest import PROMPTS, assert_lossless, tiny
 
 TREES = ["mc_sim_7b_63", "chain_4", "small"]
@@ -19,27 +19,6 @@ def small_tree(tmp_path):
     path = tmp_path / "small.json"
     path.write_text(json.dumps({"paths": [[0], [1], [2], [0, 0], [1, 0], [0, 1], [0, 0, 0]]}))
     return str(path)
-
-
-def test_tree_structure():
-    tree = Tree.build(read_tree("mc_sim_7b_63"), "cpu")
-    assert len(tree.paths) == 63 and tree.top_k == 10 and tree.max_depth == 4
-    assert tree.mask.shape == (64, 64) and bool(tree.mask[:, 0].all()) and bool(tree.mask.diagonal().all())
-    node = tree.paths.index((0, 1, 2)) + 1
-    ancestors = {0, tree.paths.index((0,)) + 1, tree.paths.index((0, 1)) + 1, node}
-    assert set(torch.nonzero(tree.mask[node]).flatten().tolist()) == ancestors
-    assert tree.depth[node] == 3 and tree.head_of_node[node - 1] == 2 and tree.rank_of_node[node - 1] == 2
-
-
-def test_accept_path_picks_the_longest_matching_path():
-    tree = Tree.build([(0,), (1,), (0, 0), (1, 0), (1, 0, 0)], "cpu")
-    # nodes: 0 root, 1:(0,) 2:(1,) 3:(0,0) 4:(1,0) 5:(1,0,0)
-    tokens = torch.tensor([9, 10, 11, 12, 13, 14])
-    target = torch.tensor([11, 0, 13, 0, 99, 0])  # root->11 (node 2), node 2->13 (node 4), node 4->99 (not 14)
-    path, accepted = accept_path(tree, tokens, target)
-    assert accepted == 2 and path.tolist() == [0, 2, 4]
-    path, accepted = accept_path(tree, tokens, torch.tensor([5, 0, 0, 0, 0, 0]))
-    assert accepted == 0 and path.tolist() == [0]
 
 
 def test_unknown_tree_lists_the_named_ones():
@@ -98,14 +77,14 @@ def test_oracle_heads_give_exact_accept_lengths_and_kv_in_place(name, tree):
                 top[depth, 1] = right
             else:
                 top[depth, 0] = right
-        return top[medusa.tree.head_of_node, medusa.tree.rank_of_node]
+        return top[medusa.node_head, medusa.node_rank]
 
     medusa.propose = propose
     got = medusa.generate(ids, 40, [])
     assert got.new_ids == reference
     # what the tree can accept when the right token sits at rank 1 at depth d
     expected, produced, step = [1], 1, 0
-    paths = set(medusa.tree.paths)
+    paths = set(medusa.tree.rank_paths())
     while produced < len(reference):
         wrong = wrong_at[step % len(wrong_at)]
         accepted, path = 0, ()
@@ -123,7 +102,7 @@ def test_oracle_heads_give_exact_accept_lengths_and_kv_in_place(name, tree):
     assert max(expected) == 5
     # the cache now holds exactly what a plain prefill of the same tokens writes
     tokens = ids + reference[:-1]
-    cache = medusa._cache
+    cache = medusa.cache(len(tokens))  # the same cache, already large enough
     fresh = runtime.new_cache(len(tokens))
     with torch.inference_mode():
         runtime.forward(torch.tensor([tokens]), fresh, 0)
@@ -178,7 +157,7 @@ def test_malformed_heads_are_refused(tmp_path, damage, message):
 
 
 def test_training_lowers_the_loss_and_saves_loadable_heads(tmp_path):
-    from bench.training import Sequence
+    from methods.train import Sequence
     from methods import checkpoints
     from methods.medusa import train_heads
     from methods.train import precompute_features

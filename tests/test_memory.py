@@ -57,7 +57,7 @@ def test_method_peak_exceeds_vanilla_by_its_own_extra_memory(questions_file, tmp
     out = tmp_path / "run"
     run(RunSettings(model="gemma-3-270m", methods="vanilla,kangaroo+draft_vocab=32768,pld,medusa", categories="qa",
                     limit=1, max_new_tokens=8, device="cpu", dtype="float32", matmul="torch",
-                    questions=str(questions_file), out=str(out), report=False))
+                    questions=str(questions_file), out=str(out)))
     stats = json.loads((out / "method_stats.json").read_text())
     vanilla = stats["vanilla"]["peak_memory_bytes"]
     for label in ("kangaroo+draft_vocab=32768", "pld", "medusa"):

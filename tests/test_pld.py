@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from methods import get
-from methods.pld import longest_accepted_prefix, lookup_draft
+from methods.pld import lookup_draft
 from tests.conftest import PROMPTS, tiny
 
 
@@ -16,13 +16,6 @@ def test_lookup_draft_takes_the_latest_longest_match():
     assert lookup_draft(tokens, max_ngram=3, num_draft=10) == [7, 8, 4, 2, 3]
     assert lookup_draft(np.array([1, 2, 3, 4]), max_ngram=3, num_draft=5) == []
     assert lookup_draft(np.array([6, 6]), max_ngram=3, num_draft=5) == [6]
-
-
-def test_longest_accepted_prefix():
-    assert longest_accepted_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert longest_accepted_prefix([9], [1, 2]) == 0
-    assert longest_accepted_prefix([], [7]) == 0
-    assert longest_accepted_prefix([1, 2], [1, 2, 3]) == 2
 
 
 @pytest.mark.parametrize("options", [{}, {"max_ngram": 1, "num_draft": 3}])

@@ -199,7 +199,7 @@ def test_vanilla_added_and_first(questions, tmp_path, capsys):
 def test_vanilla_listed_last_still_runs_first(questions, tmp_path):
     out = runner.run(RunSettings(model=MODEL, methods="hf-generate,vanilla", categories="qa", limit=1,
                                  max_new_tokens=4, questions=questions, out=str(tmp_path / "run"),
-                                 device="cpu", matmul="torch", report=False))
+                                 device="cpu", matmul="torch"))
     config = json.loads((out / "config.json").read_text())
     assert list(config["methods"]) == ["vanilla", "hf-generate"]
     # hf-generate was compared with vanilla, which only works when vanilla ran before it
@@ -458,7 +458,7 @@ def test_failed_question_is_recorded_and_lossless_classified(questions, tmp_path
     register("test-alter", Alter)
     out = runner.run(RunSettings(model=MODEL, methods="test-flaky,test-same,test-alter", categories="writing,qa",
                                  limit=1, max_new_tokens=6, questions=questions, out=str(tmp_path / "run"),
-                                 device="cpu", matmul="torch", report=False))
+                                 device="cpu", matmul="torch"))
     write_summary(out)
     qa_id = qa_question["question_id"]
 
@@ -503,8 +503,7 @@ def test_failure_on_first_question_is_recorded(questions, tmp_path, register):
 
     register("test-fails-first", FailsFirst)
     out = runner.run(RunSettings(model=MODEL, methods="vanilla,test-fails-first", categories="writing,qa", limit=1,
-                                 max_new_tokens=4, questions=questions, out=str(tmp_path / "run"), device="cpu", matmul="torch",
-                                 report=False))
+                                 max_new_tokens=4, questions=questions, out=str(tmp_path / "run"), device="cpu", matmul="torch"))
     records = answers(out, "test-fails-first")
     assert "boom" in records[first["question_id"]]["error"]
     assert sum("error" not in r for r in records.values()) == 1
@@ -618,7 +617,7 @@ def test_a_variant_that_resolves_to_another_is_skipped_not_timed_twice(questions
     with pytest.warns(UserWarning, match="seeded random"):
         out = runner.run(RunSettings(model=MODEL, methods="vanilla,kangaroo,kangaroo+draft_vocab=32768",
                                      categories="qa", limit=1, max_new_tokens=4, questions=questions,
-                                     out=str(tmp_path / "run"), device="cpu", matmul="torch", report=False))
+                                     out=str(tmp_path / "run"), device="cpu", matmul="torch"))
     stats = json.loads((out / "method_stats.json").read_text())
     assert stats["kangaroo"]["status"] == "ok"
     twin = stats["kangaroo+draft_vocab=32768"]
@@ -644,7 +643,7 @@ def test_lossless_check_runs_after_the_timed_window(questions, tmp_path, registe
     monkeypatch.setattr(runner, "classify", classify)
     runner.run(RunSettings(model=MODEL, methods="vanilla,test-recorded", categories="writing,qa", limit=1,
                            max_new_tokens=4, questions=questions, out=str(tmp_path / "run"), device="cpu",
-                           matmul="torch", report=False))
+                           matmul="torch"))
     assert events == ["generate"] * 4 + ["classify"] * 2  # warm-up, 2 + 1 turns, then both checks
 
 

@@ -193,7 +193,7 @@ def test_grouped_attention_matches_sdpa(with_mask):
 
 
 def test_auto_matmul_path_is_measured_among_the_cpu_paths():
-    from methods.runtime import MATMUL_PATHS, pick_matmul_path
+    from methods.products import MATMUL_PATHS, pick_matmul_path
     runtime = tiny("tiny-llama-random", "float32").runtime
     try:
         path = pick_matmul_path(runtime, "auto")
