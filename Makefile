@@ -15,6 +15,9 @@ RUNS ?= 1
 DEVICE ?= auto
 DTYPE ?= auto
 MATMUL ?= auto
+# TEMPERATURE=T samples from softmax(logits / T) (0 or empty: greedy); SEED=S seeds it
+TEMPERATURE ?=
+SEED ?=
 # LAUNCHER=ray spreads the sweep over a Ray cluster (RAY_ADDRESS=auto joins the one started with `ray start`;
 # without it, a cluster of this machine alone). The full GPU settings apply when the cluster has GPUs.
 LAUNCHER ?=
@@ -50,7 +53,7 @@ REGRESS_TOLERANCE ?= tau=0.01,speedup=0.5
 .PHONY: bench test regress regress-baseline reference train install constraints clean-venv help gpu-check
 
 help:
-	@echo "make bench [MODEL=gemma-3-270m] [METHODS=a,b] [LIMIT=N] [MAX_NEW_TOKENS=N] [RUNS=R] [OUT=DIR]"
+	@echo "make bench [MODEL=gemma-3-270m] [METHODS=a,b] [LIMIT=N] [MAX_NEW_TOKENS=N] [RUNS=R] [OUT=DIR] [TEMPERATURE=T SEED=S]"
 	@echo "           [LAUNCHER=ray [RAY_ADDRESS=auto|HEAD:6379] [CELLS_PER_GROUP=N] [GPUS_PER_CELL=N]]"
 	@echo "make test"
 	@echo "make regress       # a 5-minute sweep compared with results/regress (exit 1 on a regression)"
@@ -81,6 +84,7 @@ bench: $(STAMP)
 	$(PY) -m bench run --model $(MODEL) --max-new-tokens $$tokens $${limit:+--limit $$limit} \
 	  --runs $(RUNS) --device $(DEVICE) --dtype $(DTYPE) --matmul $(MATMUL) --out "$$out" \
 	  $(if $(METHODS),--methods $(METHODS)) $(if $(QUESTIONS),--questions $(QUESTIONS)) \
+	  $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(SEED),--seed $(SEED)) \
 	  $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(filter ray,$(LAUNCHER)),$(if $(RAY_ADDRESS),--ray-address \
 	  $(RAY_ADDRESS)) $(if $(CELLS_PER_GROUP),--cells-per-group $(CELLS_PER_GROUP)) \
 	  $(if $(GPUS_PER_CELL),--gpus-per-cell $(GPUS_PER_CELL) --device-map auto))

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method-args", nargs="+", metavar="NAME:key=value,...",
                      help="default options for every spec of NAME")
     run.add_argument("--template", help="chat template for a model outside the catalog: question_answer or vicuna_v1.1")
+    run.add_argument("--temperature", type=float, help="0: greedy decoding; above: sample from softmax(logits / T), "
+                     "every speculative method with a rule that keeps that distribution exactly (medusa+accept=typical "
+                     "excepted) [0]")
+    run.add_argument("--seed", type=int, help="at temperature > 0, with the question id, run index and turn, the "
+                     "seed of each turn's generator: reruns, resumed and Ray runs draw the same samples [0]")
     run.add_argument("--no-report", action="store_true", help="skip writing the summary and figures")
     run.add_argument("--device-map", choices=["auto", "none"],
                      help="auto: a hub/local checkpoint's decoder layers are spread over the visible GPUs (as "
@@ -192,7 +197,7 @@ def command_run(args: argparse.Namespace) -> None:
     from bench.runner import RunSettings, run, settings_from_config
     values = settings_from_config(args.config) if args.config else {}
     for name in ("model", "methods", "categories", "limit", "max_new_tokens", "runs", "questions", "out",
-                 "device", "dtype", "matmul", "method_args", "template"):
+                 "device", "dtype", "matmul", "method_args", "template", "temperature", "seed"):
         given = getattr(args, name)
         if given is not None:
             values[name] = given

@@ -35,7 +35,7 @@ from bench.metrics import SUMMARY_COLUMNS
 DEFAULT_TOLERANCES = {"tau": 0.01, "speedup": 0.20}
 # Settings that must agree for two runs to be comparable (the environment section may differ).
 CONFIG_FIELDS = ("model", "family", "template", "device", "dtype", "matmul", "categories", "limit",
-                 "max_new_tokens", "runs")
+                 "max_new_tokens", "runs", "temperature", "seed")
 EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
 
 

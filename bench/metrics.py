@@ -147,6 +147,16 @@ def is_skipped(run: Run, label: str) -> bool:
     return run.stats.get(label, {}).get("status") == "skipped"
 
 
+def temperature(run: Run) -> float:
+    """The run's sampling temperature (0: greedy decoding, where the lossless columns apply)."""
+    return float(run.config.get("temperature") or 0.0)
+
+
+def rule(run: Run, label: str) -> str:
+    """The acceptance rule a method ran with (method_stats.json): greedy, exact or typical."""
+    return run.stats.get(label, {}).get("rule") or ("exact" if temperature(run) else "greedy")
+
+
 def run_count(run: Run) -> int:
     """R: config["runs"], else the largest number of choices in any record."""
     if run.config.get("runs"):
@@ -288,7 +298,7 @@ def _row(run: Run, label: str, category: str, records: list[dict], baseline: lis
     row["mean_accepted_tokens"] = float(np.mean(accept_lengths)) if accept_lengths else math.nan
     accepted, proposed = acceptance_counts(done)
     row["acceptance_rate"] = accepted / proposed if proposed else math.nan
-    verdicts = _lossless_values(done, label)
+    verdicts = [] if temperature(run) else _lossless_values(done, label)  # sampled: no token identity
     row["lossless"] = verdicts.count("identical") / len(verdicts) if verdicts else math.nan
     row["near_ties"] = verdicts.count("near_tie") if verdicts else None
     row["diverged"] = verdicts.count("diverged") if verdicts else None

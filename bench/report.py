@@ -16,8 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bench.errors import UserError
-from bench.metrics import (OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, latency_breakdown, load_run,
-                           step_costs, summarize)
+from bench.metrics import (OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, latency_breakdown, load_run, rule,
+                           step_costs, summarize, temperature)
 
 # Decimals kept in summary.csv for each float column.
 CSV_DECIMALS = {
@@ -125,7 +125,8 @@ def markdown_report(run: Run, table: pd.DataFrame) -> str:
     settings = [
         ("device", config.get("device")), ("dtype", config.get("dtype")),
         ("matmul", config.get("matmul")), ("max_new_tokens", config.get("max_new_tokens")),
-        ("runs", config.get("runs")), ("hardware", _hardware(config)),
+        ("runs", config.get("runs")), ("temperature", config.get("temperature")), ("seed", config.get("seed")),
+        ("hardware", _hardware(config)),
     ]
     lines += [f"- {name}: {value}" for name, value in settings if value is not None]
     lines += [
@@ -154,8 +155,23 @@ def markdown_report(run: Run, table: pd.DataFrame) -> str:
         ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += _latency_section(run)
+    lines += _rules_section(run, table)
     lines += _skipped_section(run, table) + _failures_section(run) + _lossless_section(run, table)
     return "\n".join(lines) + "\n"
+
+
+def _rules_section(run: Run, table: pd.DataFrame) -> list[str]:
+    """At temperature > 0: each method's acceptance rule, and why the lossless columns are empty."""
+    if not temperature(run):
+        return []
+    lines = ["", f"## Acceptance rules (sampling at temperature {temperature(run):g})", "",
+             "Tokens are drawn from softmax(logits / T), so no method can match vanilla token for token and the "
+             "Lossless column is empty. `exact`: the method keeps the target's distribution exactly (speculative "
+             "sampling's ratio test and residual, or the multi-round rule for deterministic drafts; checked by "
+             "distribution tests); `typical`: Medusa's typical acceptance, which does not (lossy).", "",
+             "| Method | Rule |", "|---|---|"]
+    lines += [f"| {label} | {rule(run, label)} |" for label in _shown_methods(run, table)]
+    return lines
 
 
 def _percent(value) -> str:

@@ -52,6 +52,8 @@ class RunSettings:
     matmul: str = "auto"
     method_args: list[str] = field(default_factory=list)
     template: str | None = None
+    temperature: float = 0.0  # 0: greedy; above: sampled from softmax(logits / T) (DESIGN.md §4)
+    seed: int = 0  # with the question id, run index and turn, seeds each turn's generator at T > 0
     questions_sha256: str | None = None  # when set (rerun from a config), the question file must match
     device_map: str | None = None  # "auto": transformers places the model (bench.models.resolve_device_map)
 
@@ -141,8 +143,27 @@ def write_answers(path: Path, records: dict[int, dict]) -> None:
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: int, run_index: int) -> dict:
-    """One choice of the answer schema: every turn, generated and timed."""
+def sampling_seed(seed: int, question_id, run_index: int, turn: int) -> int:
+    """The seed of one (question, run, turn)'s generator: a resumed, sharded or Ray run draws the
+    same samples, and each run index is an independent sample."""
+    digest = hashlib.sha256(f"{seed}/{question_id}/{run_index}/{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def sampling_for(model: LoadedModel, temperature: float, seed: int, question_id, run_index: int,
+                 turn: int) -> methods.Sampling | None:
+    """The decoding policy of one turn: None (greedy) at temperature 0, else T with its own generator."""
+    if not temperature:
+        return None
+    generator = torch.Generator(device=model.runtime.device)
+    generator.manual_seed(sampling_seed(seed, question_id, run_index, turn))
+    return methods.Sampling(temperature, generator)
+
+
+def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: int, run_index: int,
+                    temperature: float = 0.0, seed: int = 0) -> dict:
+    """One choice of the answer schema: every turn, generated and timed (at temperature > 0 each
+    turn samples with its own seeded generator, made before the clock starts)."""
     answers, choice = [], {"index": run_index, "turns": [], "decoding_steps": [], "new_tokens": [],
                            "wall_time": [], "prefill_time": [], "accept_lengths": [], "draft_lengths": [],
                            "output_ids": []}
@@ -150,9 +171,11 @@ def answer_question(model: LoadedModel, method, question: dict, max_new_tokens: 
     for turn in range(len(question["turns"])):
         prompt_ids = model.prompt_ids(question["turns"][:turn + 1], answers)
         warn_past_positions(model, question, turn, len(prompt_ids), max_new_tokens)
+        policy = sampling_for(model, temperature, seed, question["question_id"], run_index, turn)
+        extra = {"sampling": policy} if policy else {}
         sync(device)
         started = time.perf_counter()
-        generation = method.generate(prompt_ids, max_new_tokens, model.stop_ids)
+        generation = method.generate(prompt_ids, max_new_tokens, model.stop_ids, **extra)
         sync(device)
         wall = time.perf_counter() - started
         text = model.tokenizer.decode([t for t in generation.new_ids if t not in stops]).strip()
@@ -197,6 +220,8 @@ def plan_run(settings: RunSettings) -> Plan:
         raise UserError("--limit must be a positive integer (questions per group)")
     if settings.max_new_tokens <= 0 or settings.runs <= 0:
         raise UserError("--max-new-tokens and --runs must be positive integers")
+    if not settings.temperature >= 0 or settings.temperature == float("inf"):
+        raise UserError(f"--temperature must be 0 (greedy) or a positive number, not {settings.temperature}")
     explicit = settings.methods is not None
     specs = parse_method_specs(settings.methods or ",".join(methods.default_sweep()))
     if "vanilla" not in [s.label for s in specs]:
@@ -252,6 +277,8 @@ def build_config(facts: dict, matmul: str, plan: Plan, settings: RunSettings, la
         "questions": {"path": str(plan.questions_file), "sha256": plan.questions_sha256, "pinned": plan.pinned},
         "categories": plan.groups, "limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
         "runs": settings.runs,
+        # the decoding policy: absent at its default (greedy), so older runs keep their hash and resume
+        **({"temperature": settings.temperature, "seed": settings.seed} if settings.temperature else {}),
         "methods": {s.label: {"name": s.name, "spec": s.label, "options": plan.options[s.label]}
                     for s in plan.specs},
         "environment": environment_section,
@@ -321,8 +348,10 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
                             f"({', '.join(loaded)}); pass another --out to start a new run")
         records, peak = run_method(model, method, spec, questions, settings, out)
         overhead = method.overhead()
+        rule = "greedy" if not settings.temperature else type(method).acceptance_name(method.settings)
         del method  # its caches go before the lossless check allocates its own
-        classify_records(model, spec, questions, records, reference, out)
+        if not settings.temperature:  # sampled tokens cannot equal vanilla's: no token-level check
+            classify_records(model, spec, questions, records, reference, out)
         if spec.label == "vanilla":
             reference = records
         config["methods"][spec.label]["checkpoints"] = loaded
@@ -330,7 +359,7 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
         config["methods"][spec.label]["effective_options"] = json.loads(identity)[1]
         if peak is None:  # nothing ran now (a resumed run): keep the figure measured before
             peak = stats.get(spec.label, {}).get("peak_memory_bytes")
-        stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None,
+        stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None, "rule": rule,
                              "trained_params": overhead.trained_params,
                              "extra_memory_bytes": overhead.extra_memory_bytes,
                              "peak_memory_bytes": peak}
@@ -349,8 +378,10 @@ def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dic
         return records, None
     reset_peak_memory(model.runtime)  # the window covers this method alone (bench/device.py)
     first = questions[0]  # warm-up, untimed; a failure here shows again, recorded, on that question
+    policy = sampling_for(model, settings.temperature, settings.seed, "warm-up", 0, 0)
     try:
-        method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids)
+        method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids,
+                        **({"sampling": policy} if policy else {}))
     except Exception as error:  # noqa: BLE001
         print(f"[run] {spec.label} warm-up failed: {type(error).__name__}: {error}", file=sys.stderr)
     progress = tqdm(todo, desc=f"{spec.label:>16}", unit="q", file=sys.stderr, dynamic_ncols=True)
@@ -361,7 +392,8 @@ def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dic
                   "model_id": spec.label, "choices": [], "tstamp": time.time()}
         try:
             for run_index in range(settings.runs):
-                record["choices"].append(answer_question(model, method, question, settings.max_new_tokens, run_index))
+                record["choices"].append(answer_question(model, method, question, settings.max_new_tokens, run_index,
+                                                         settings.temperature, settings.seed))
             tokens = sum(sum(c["new_tokens"]) for c in record["choices"])
             seconds = sum(sum(c["wall_time"]) for c in record["choices"])
             progress.set_postfix(tok_s=f"{tokens / seconds:.1f}")
@@ -439,6 +471,7 @@ def settings_from_config(path: str) -> dict:
                 "categories": ",".join(config["categories"]), "limit": config["limit"],
                 "max_new_tokens": config["max_new_tokens"], "runs": config["runs"], "device": config["device"],
                 "dtype": config["dtype"], "matmul": config["matmul"], "method_args": method_args,
+                "temperature": config.get("temperature", 0.0), "seed": config.get("seed", 0),
                 "template": config.get("template"),
                 "questions": questions.get("path") if Path(questions.get("path") or "").is_file() else None,
                 "questions_sha256": questions["sha256"]}

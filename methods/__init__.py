@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from methods.acceptance import GREEDY, rule_for
 from methods.runtime import Transformer
 
 
@@ -61,6 +62,14 @@ class Generation:
             self.draft_lengths = [0] * len(self.accept_lengths)
         if sum(self.accept_lengths) != len(self.new_ids) or len(self.draft_lengths) != len(self.accept_lengths):
             raise AssertionError(f"accept_lengths sum {sum(self.accept_lengths)} != {len(self.new_ids)} new tokens")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The decoding policy of one generate() call: temperature 0 is greedy; above it tokens are
+    sampled from softmax(logits / T) with `generator` (one per question, run and turn)."""
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -155,8 +164,19 @@ class Method:
         self.settings = resolve_options(type(self), options)
         self._caches: dict[str, Any] = {}
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                 sampling: Sampling | None = None) -> Generation:
         raise NotImplementedError
+
+    def acceptance(self, sampling: Sampling | None):
+        """The acceptance rule for this policy (methods/acceptance.py): greedy at temperature 0,
+        exact speculative sampling above it (a method with another rule overrides this)."""
+        return rule_for(sampling.temperature, sampling.generator) if sampling else GREEDY
+
+    @classmethod
+    def acceptance_name(cls, options: dict) -> str:
+        """The rule a method at these options samples with: "exact" (lossless) or another name."""
+        return "exact"
 
     def overhead(self) -> Overhead:
         return Overhead()

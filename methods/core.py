@@ -3,18 +3,18 @@ and commit the accepted tokens with stop tokens and the token budget.
 
 A method's loop reads like its paper's algorithm:
 
-    state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device)
+    state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device, rule)
     logits = model.forward(prompt, cache, 0, last_only=True)
-    core.commit_first(state, logits[0, -1], rule)          # the prefill commits 1 token
+    core.commit_first(state, logits[0, -1])          # the prefill commits 1 token
     while not state.done:
-        drafts = ...                                        # [k] on the device, k <= state.budget
+        drafts = ...                                  # [k] on the device, k <= state.budget
         logits = model.forward(core.with_pending(state, drafts), cache, state.length)[0]
-        core.verify_linear(state, logits, drafts, rule)     # accepts, commits, advances
+        core.verify_linear(state, logits, drafts)     # accepts, commits, advances
 
-The acceptance rule is a parameter (`GREEDY`: the longest prefix of drafts equal to the target's
-argmax, plus the target's token after it). It runs on the device, and each target forward reads
-its outcome back to the host once, through `read_back`: the accepted count and the committed
-tokens in one transfer. Reads a method's own draft loop needs (Kangaroo's confidence exit) go
+The acceptance rule is a parameter of the generation (methods/acceptance.py: greedy at temperature
+0, exact speculative sampling or Medusa's typical acceptance above it). It runs on the device, and
+each target forward reads its outcome back to the host once, through `read_back`: the accepted
+count and the committed tokens in one transfer. Reads a method's own draft loop needs (Kangaroo's confidence exit) go
 through `read_back` too, under purpose "draft", so they are counted apart.
 
 `state.pending` is the last committed token as a [1, 1] tensor on the device, taken from the
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from methods import Generation
+from methods.acceptance import GREEDY
 from methods.tree import Tree
 
 
@@ -35,35 +36,6 @@ def read_back(tensor: torch.Tensor, purpose: str = "verify") -> list:
     """The one place where decoding moves values from the device to the host (a sync on a GPU).
     `purpose`: "verify" (once per target forward) or "draft" (a method's own draft loop)."""
     return tensor.tolist()
-
-
-# ---- acceptance rules ---------------------------------------------------------------------------
-class Greedy:
-    """Greedy decoding: the target's argmax decides; drafts are accepted while they equal it."""
-    name = "greedy"
-
-    def first(self, logits: torch.Tensor) -> torch.Tensor:
-        """The token after the prompt from its logits [V] (ties go to the lowest id)."""
-        return logits.argmax(dim=-1)
-
-    def linear(self, logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [1 + k, V] after the pending token and each of the k drafts. Returns (accepted
-        drafts, the target's token after them), both 0-d tensors on the device."""
-        targets = logits.argmax(dim=-1)  # [1 + k]
-        accepted = (drafts == targets[:-1]).int().cumprod(dim=0).sum()
-        return accepted, targets[accepted]
-
-    def tree(self, tree: Tree, logits: torch.Tensor, tokens: torch.Tensor,
-             budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits [n, V] after each node of `tree`, whose tokens are [n]. Returns (root-to-leaf
-        path [max_depth + 1] of the accepted branch, accepted nodes after the root (at most
-        `budget`), the target's token after the last accepted node)."""
-        targets = logits.argmax(dim=-1)  # [n]
-        path, accepted = tree.longest_match(tokens, targets, budget)
-        return path, accepted, targets[path[accepted]]
-
-
-GREEDY = Greedy()
 
 
 # ---- the state of one generate() call -------------------------------------------------------------
@@ -74,6 +46,7 @@ class Decoding:
     stops: frozenset[int]
     device: torch.device
     started: float
+    rule: object = GREEDY  # an acceptance rule (methods/acceptance.py)
     length: int = 0  # cache slots holding committed tokens; `pending` goes to slot `length`
     pending: torch.Tensor | None = None  # [1, 1] the last committed token, not yet in the cache
     new_ids: list[int] = field(default_factory=list)
@@ -94,10 +67,12 @@ class Decoding:
         return Generation(self.new_ids, self.accept_lengths, self.draft_lengths, prefill_seconds=self.prefill_seconds)
 
 
-def start(prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], device: torch.device) -> Decoding:
-    """A new generation; the clock for the time to the first token starts here."""
+def start(prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], device: torch.device,
+          rule=None) -> Decoding:
+    """A new generation under acceptance `rule` (None: greedy); the clock for the time to the first
+    token starts here."""
     return Decoding(max_new_tokens, frozenset(stop_ids), torch.device(device), time.perf_counter(),
-                    length=len(prompt_ids))
+                    rule=rule or GREEDY, length=len(prompt_ids))
 
 
 def prompt_tensor(prompt_ids: list[int], device) -> torch.Tensor:
@@ -131,34 +106,36 @@ def commit(state: Decoding, committed: list[int], drafted: int, accepted: int, l
     state.pending = last.view(1, 1)
 
 
-def commit_first(state: Decoding, logits: torch.Tensor, rule=GREEDY) -> int:
+def commit_first(state: Decoding, logits: torch.Tensor) -> int:
     """The prefill's token from the logits after the prompt [V]; it commits 1."""
-    token = rule.first(logits)
+    token = state.rule.first(logits)
     (value,) = read_back(token.view(1))
     commit(state, [value], 0, 0, token)
     state.prefill_seconds = time.perf_counter() - state.started
     return value
 
 
-def verify_linear(state: Decoding, logits: torch.Tensor, drafts: torch.Tensor | None, rule=GREEDY) -> int:
+def verify_linear(state: Decoding, logits: torch.Tensor, drafts: torch.Tensor | None,
+                  draft_probs: torch.Tensor | None = None) -> int:
     """Accept a linear draft: `logits` [1 + k, V] from the forward over with_pending(state, drafts),
-    `drafts` [k] on the device (k <= state.budget). Commits and returns the accepted count."""
+    `drafts` [k] on the device (k <= state.budget), drawn from `draft_probs` [k, V] when the drafter
+    samples (None: deterministic drafts). Commits and returns the accepted count."""
     if drafts is None:
         drafts = logits.new_empty(0, dtype=torch.long)
-    accepted, token = rule.linear(logits, drafts)
+    accepted, token = state.rule.linear(logits, drafts, draft_probs)
     packed = read_back(torch.cat((accepted.view(1), drafts, token.view(1))))  # one transfer
     count = packed[0]
     commit(state, packed[1:1 + count] + [packed[-1]], drafts.numel(), count, token)
     return count
 
 
-def verify_tree(state: Decoding, tree: Tree, logits: torch.Tensor, tokens: torch.Tensor, cache,
-                rule=GREEDY) -> tuple[torch.Tensor, int]:
+def verify_tree(state: Decoding, tree: Tree, logits: torch.Tensor, tokens: torch.Tensor,
+                cache) -> tuple[torch.Tensor, int]:
     """Accept the best branch of a token tree: `logits` [n, V] from one forward over the nodes'
     `tokens` [n] (node 0 the pending token) at tree.positions(state.length) with tree.mask. Moves
     the accepted nodes' KV entries into place and commits. Returns (the branch's path of nodes
     [max_depth + 1], the accepted count)."""
-    path, accepted, token = rule.tree(tree, logits, tokens, state.budget)
+    path, accepted, token = state.rule.tree(tree, logits, tokens, state.budget)
     packed = read_back(torch.cat((accepted.view(1), tokens[path.clamp(min=0)], token.view(1))))  # one transfer
     count = packed[0]
     tree.compact(cache, state.length, path, count)

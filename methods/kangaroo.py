@@ -3,7 +3,8 @@
 The draft model is the target's own first l layers, then an adapter (one attention block of the
 target's kind without MLP, and one more norm), then the target's LM head. Drafting stops at the
 second early exit: when the draft's top-1 probability falls below the threshold eta, or after
-`steps` drafts. The shallow layers' KV entries and features computed while drafting are kept, so
+`steps` drafts. At temperature T > 0 the drafts are sampled from the adapter's distribution at T,
+which the exact rule's ratio test then uses (methods/acceptance.py). The shallow layers' KV entries and features computed while drafting are kept, so
 verification runs only layers [l, N) on the saved features, and the speculative core accepts the
 longest prefix of drafts that matches the target's greedy tokens, plus the target's token after it.
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from methods import Generation, Option, ProfileTable, StepCosts, checkpoints, core, register
+from methods import Generation, Option, ProfileTable, Sampling, StepCosts, acceptance, checkpoints, core, register
 from methods.drafter import Drafter
 from methods.products import set_matmul_path
 from methods.runtime import DecoderLayer, RMSNorm, Transformer
@@ -117,24 +118,36 @@ class Kangaroo(Drafter):
     def trained_modules(self) -> list[nn.Module]:
         return [self.adapter]
 
-    def propose(self, adapted: torch.Tensor, produced: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top-1 probability [1], token id [1, 1]) of the next draft from the adapter's output
-        [1, 1, H], on the device; `produced` is the index of that token among the new tokens (tests
-        override this to feed oracle drafts)."""
+    def propose(self, adapted: torch.Tensor, produced: int,
+                sampling: Sampling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next draft from the adapter's output [1, 1, H], on the device: (the draft
+        distribution's top-1 probability [1], token id [1, 1], the distribution q over the full
+        vocabulary [V] when the token was sampled from it at temperature > 0, else None).
+        `produced` is the index of that token among the new tokens (tests override this to feed
+        oracle drafts)."""
         logits = self.head(self.adapter.norm(adapted))[0, -1].float()  # [V or draft_vocab]
         cap = self.model.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        probability, index = torch.softmax(logits, dim=-1).max(dim=-1)
+        temperature = sampling.temperature if sampling else 0.0
+        q = torch.softmax(logits / (temperature or 1.0), dim=-1)
+        probability, index = q.max(dim=-1)
+        if temperature:
+            index = acceptance.sample(q, sampling.generator)
         token = index if self.head_ids is None else self.head_ids[index]
-        return probability.view(1), token.view(1, 1)
+        if not temperature:
+            return probability.view(1), token.view(1, 1), None
+        full = q if self.head_ids is None else torch.zeros(self.model.config.vocab_size, dtype=q.dtype,
+                                                           device=q.device).index_copy_(0, self.head_ids, q)
+        return probability.view(1), token.view(1, 1), full
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                 sampling: Sampling | None = None) -> Generation:
         model = self.model
         shallow_layers, deep_layers = range(0, self.exit_layer), range(self.exit_layer, model.config.num_layers)
         gamma, threshold, block = self.settings["steps"], self.settings["threshold"], self.adapter.layers[0]
-        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device)
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device, self.acceptance(sampling))
         needed = len(prompt_ids) + max_new_tokens + gamma + 2
         cache, adapter_cache = self.cache(needed), self.draft_cache("adapter", needed, num_layers=1)
 
@@ -145,7 +158,7 @@ class Kangaroo(Drafter):
         core.commit_first(state, model.logits(hidden[:, -1:])[0, -1])
         while not state.done:
             budget = min(gamma, state.budget)
-            features, drafts, token = [], [], state.pending
+            features, drafts, draft_probs, token = [], [], [], state.pending
             while True:  # draft: shallow layers + adapter, one token at a time
                 slot = state.length + len(drafts)
                 feature = model.forward_layers(model.embed(token), cache, slot, layers=shallow_layers)  # [1, 1, H]
@@ -153,14 +166,16 @@ class Kangaroo(Drafter):
                 adapted = model.forward_block(block, feature, adapter_cache, slot)  # keeps the adapter's KV whole
                 if len(drafts) >= budget:
                     break
-                probability, token = self.propose(adapted, len(state.new_ids) + len(drafts))
+                probability, token, q = self.propose(adapted, len(state.new_ids) + len(drafts), sampling)
                 (confidence,) = core.read_back(probability, purpose="draft")
                 if confidence < threshold:  # the second early exit
                     break
                 drafts.append(token)
+                draft_probs.append(q)
             # verify: the deep layers on the saved features of [pending, drafts...]
             hidden = model.forward_layers(torch.cat(features, dim=1), cache, state.length, layers=deep_layers)
-            core.verify_linear(state, model.logits(hidden)[0], torch.cat(drafts).view(-1) if drafts else None)
+            core.verify_linear(state, model.logits(hidden)[0], torch.cat(drafts).view(-1) if drafts else None,
+                               torch.stack(draft_probs) if drafts and draft_probs[0] is not None else None)
         return state.result()
 
     # ---- hooks read by bench/ ------------------------------------------------------------------
@@ -177,7 +192,7 @@ class Kangaroo(Drafter):
             def draft_step(kangaroo=kangaroo, adapter_cache=adapter_cache, shallow=shallow):
                 feature = runtime.forward_layers(runtime.embed(token), cache, context, layers=shallow)
                 adapted = runtime.forward_block(kangaroo.adapter.layers[0], feature, adapter_cache, context)
-                return kangaroo.propose(adapted, 0)
+                return kangaroo.propose(adapted, 0)[:2]
             add("kangaroo_draft" + (f"_vocab{draft_vocab}" if draft_vocab else ""), 1, draft_step)
         deep = range(kangaroo.exit_layer, runtime.config.num_layers)
         for k in (1, 2, 4, 8, 16):

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from methods import Generation, MissingCheckpoint, Option, ProfileTable, StepCosts, checkpoints, core, register
+from methods import (Generation, MissingCheckpoint, Option, ProfileTable, Sampling, StepCosts, checkpoints, core,
+                     register)
+from methods.acceptance import GREEDY, rule_for
 from methods.drafter import Drafter
 from methods.products import Linear, set_matmul_path
 from methods.runtime import Transformer
@@ -115,6 +117,8 @@ class Medusa(Drafter):
         "share_lm_head": Option(bool, None, "heads score with the target's LM head (default: as the checkpoint holds)"),
         "draft_vocab": Option(int, None, "heads score the N most frequent tokens only (default: the checkpoint's, "
                                          "else 0 = full vocabulary)"),
+        "accept": Option(str, "exact", "at temperature > 0: exact (lossless multi-round sampling) or typical "
+                                       "(Medusa's typical acceptance, epsilon 0.09, delta 0.3; lossy)"),
     }
     default_sweep = ("medusa",)
     verifies_every_step = {}  # a whole tree every step
@@ -149,10 +153,19 @@ class Medusa(Drafter):
         settings["num_heads"] = len(self.heads)
         self.heads.requires_grad_(False).eval()
         set_matmul_path(self.heads, model.matmul)
+        if settings["accept"] not in ("exact", "typical"):
+            raise ValueError(f"accept must be exact or typical, not {settings['accept']!r}")
         if shared:
             self.use_draft_vocab(settings["draft_vocab"])
         elif settings["draft_vocab"]:
             raise ValueError("draft_vocab needs share_lm_head (heads with their own LM heads score the full vocabulary)")
+
+    def acceptance(self, sampling: Sampling | None):
+        return rule_for(sampling.temperature, sampling.generator, self.settings["accept"]) if sampling else GREEDY
+
+    @classmethod
+    def acceptance_name(cls, options: dict) -> str:
+        return options.get("accept") or "exact"
 
     def published_checkpoint(self) -> Path | None:
         return fetch_published(self.model.alias) if self.model.alias in PUBLISHED else None
@@ -176,9 +189,10 @@ class Medusa(Drafter):
         return self.candidates(normed)[self.node_head, self.node_rank]
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                 sampling: Sampling | None = None) -> Generation:
         model, tree = self.model, self.tree
-        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device)
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device, self.acceptance(sampling))
         cache = self.cache(len(prompt_ids) + max_new_tokens + tree.size + 1)
         hidden = model.forward_layers(model.embed(core.prompt_tensor(prompt_ids, model.device)), cache, 0)
         normed = model.norm(hidden[0, -1])  # [H]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from methods import Generation, Method, Option, ProfileTable, StepCosts, core, register
+from methods import Generation, Method, Option, ProfileTable, Sampling, StepCosts, core, register
 
 
 def lookup_draft(tokens: np.ndarray, max_ngram: int, num_draft: int) -> list[int]:
@@ -61,9 +61,10 @@ class PromptLookup(Method):
         return lookup_draft(tokens, self.settings["max_ngram"], self.settings["num_draft"])
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Generation:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                 sampling: Sampling | None = None) -> Generation:
         model = self.model
-        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device)
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device, self.acceptance(sampling))
         cache = self.cache(len(prompt_ids) + max_new_tokens + self.settings["num_draft"] + 1)
         tokens = np.empty(len(prompt_ids) + max_new_tokens, dtype=np.int64)  # prompt + output so far (host)
         tokens[:len(prompt_ids)] = prompt_ids

@@ -26,6 +26,7 @@ class Tree:
     mask: torch.Tensor  # [n, n] bool: node i sees node j (its ancestors and itself)
     leaf_paths: torch.Tensor  # [leaves, max_depth + 1] nodes root..leaf, padded with -1
     top_k: int  # candidates needed per depth: the largest rank + 1
+    children: torch.Tensor  # [n, most children] each node's children in rank order, padded with -1
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod
@@ -50,8 +51,15 @@ class Tree:
                 node = parents[node]
         as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
         rank = [int(r) for r in rank] if rank is not None else [0] * n
+        children: list[list[int]] = [[] for _ in range(n)]
+        for node in range(1, n):
+            children[parents[node]].append(node)
+        for kids in children:
+            kids.sort(key=lambda node: rank[node])
+        width = max(1, max(map(len, children)))
+        children = [kids + [-1] * (width - len(kids)) for kids in children]
         return cls(as_tensor(parents), as_tensor(depth), as_tensor(rank), as_tensor(mask, torch.bool),
-                   as_tensor(leaf_paths), max(rank) + 1)
+                   as_tensor(leaf_paths), max(rank) + 1, as_tensor(children))
 
     @classmethod
     def from_paths(cls, paths: list[tuple[int, ...]], device=None) -> "Tree":

@@ -38,21 +38,21 @@ def oracle(method, reference: list[int], wrong_at: list[int | None], stop_after:
     steps = method.settings["steps"]
     state = {"step": 0, "depth": 0, "start": None}
 
-    def propose(adapted, produced):
+    def propose(adapted, produced, sampling=None):
         if state["start"] is None or produced <= state["start"]:
             state["start"], state["depth"] = produced, 0  # a new step begins at this position
         step, depth = state["step"], produced - state["start"]
         if depth >= stop_after[step % len(stop_after)]:
             state["step"] += 1
             state["start"] = None
-            return torch.tensor([0.0]), torch.tensor([[0]])
+            return torch.tensor([0.0]), torch.tensor([[0]]), None
         token = reference[produced] if produced < len(reference) else 0
         if wrong_at[step % len(wrong_at)] == depth:
             token = (token + 1) % 200 + 4
         if depth + 1 >= steps:
             state["step"] += 1
             state["start"] = None
-        return torch.tensor([1.0]), torch.tensor([[token]])
+        return torch.tensor([1.0]), torch.tensor([[token]]), None
 
     method.propose = propose
     expected, produced, step = [1], 1, 0

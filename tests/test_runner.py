@@ -658,3 +658,48 @@ def test_a_turn_past_the_models_positions_is_warned_about_once(questions, capsys
     err = capsys.readouterr().err
     assert err.count("warning: question") == 1 and "exceed" in err and f"{len(first_prompt(question)) + 2} positions" in err
     runner.answer_question(model, vanilla, question, 2, 0)  # fits: no warning
+
+
+# ---- 11. sampling (temperature > 0) ------------------------------------------------------------
+def test_greedy_runs_keep_their_config_without_a_temperature(questions, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_ok(run_args(questions, out, "vanilla", categories="qa", report=False), capsys)
+    config = json.loads((out / "config.json").read_text())
+    assert "temperature" not in config and "seed" not in config  # the committed baselines' hashes hold
+    run_ok(run_args(questions, out, "vanilla", "--temperature", "0", categories="qa", report=False), capsys)
+
+
+def test_a_sampled_run_names_rules_leaves_lossless_empty_and_reproduces(questions, tmp_path, capsys):
+    spec = "vanilla,pld,medusa+accept=typical"
+    args = lambda out, *extra: run_args(questions, out, spec, "--temperature", "1.0", "--seed", "3", "--runs", "2",  # noqa: E731
+                                        *extra, categories="writing,qa", max_new_tokens=8)
+    run_ok(args(tmp_path / "a"), capsys)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["temperature"] == 1.0 and config["seed"] == 3
+    stats = json.loads((tmp_path / "a" / "method_stats.json").read_text())
+    assert [stats[label]["rule"] for label in spec.split(",")] == ["exact", "exact", "typical"]
+    for label in spec.split(","):
+        row = summary_row(tmp_path / "a", label)
+        assert row["lossless"] == row["near_ties"] == row["diverged"] == ""
+        assert all("lossless" not in choice for record in answers(tmp_path / "a", label).values()
+                   for choice in record["choices"])
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "Acceptance rules (sampling at temperature 1)" in summary and "| medusa+accept=typical | typical |" in summary
+    # the same settings draw the same samples; the two runs are independent samples
+    run_ok(args(tmp_path / "b", "--no-report"), capsys)
+    first, again = answers(tmp_path / "a"), answers(tmp_path / "b")
+    assert all(first[q]["choices"][r]["output_ids"] == again[q]["choices"][r]["output_ids"] for q in first for r in (0, 1))
+    assert any(first[q]["choices"][0]["output_ids"] != first[q]["choices"][1]["output_ids"] for q in first)
+    # another seed, other samples; another temperature is another config
+    run_ok(run_args(questions, tmp_path / "c", spec, "--temperature", "1.0", "--seed", "4", "--runs", "2",
+                    categories="writing,qa", max_new_tokens=8, report=False), capsys)
+    other = answers(tmp_path / "c")
+    assert any(first[q]["choices"][0]["output_ids"] != other[q]["choices"][0]["output_ids"] for q in first)
+    err = run_error(run_args(questions, tmp_path / "a", spec, "--temperature", "0.5", "--seed", "3", "--runs", "2",
+                             categories="writing,qa", max_new_tokens=8), capsys)
+    assert "different config" in err and "temperature" in err
+
+
+def test_a_negative_temperature_is_refused(questions, tmp_path, capsys):
+    err = run_error(run_args(questions, tmp_path / "run", "vanilla", "--temperature", "-1"), capsys)
+    assert "--temperature must be 0" in err
