@@ -23,6 +23,7 @@ import pandas as pd
 
 import methods
 from bench.data import GROUP_ORDER, GROUPS, group_of
+from bench.drafts import acceptance_counts, per_position_acceptance, succeeded, vllm_acceptance  # noqa: F401
 from bench.errors import UserError
 from methods import ProfileTable, StepCosts
 
@@ -138,11 +139,6 @@ def in_category(record: dict, category: str) -> bool:
     return record.get("category") == category
 
 
-def succeeded(record: dict) -> bool:
-    """A question counts when it has no error and at least one choice."""
-    return not record.get("error") and bool(record.get("choices"))
-
-
 def is_skipped(run: Run, label: str) -> bool:
     return run.stats.get(label, {}).get("status") == "skipped"
 
@@ -199,44 +195,6 @@ def speedups_by_run(records: list[dict], baseline: list[dict], runs: int) -> lis
         ok = not math.isnan(method_mean) and baseline_mean > 0
         result.append(method_mean / baseline_mean if ok else math.nan)
     return result
-
-
-def acceptance_counts(records: list[dict]) -> tuple[int, int]:
-    """(accepted drafts, proposed drafts) over the target forwards that had drafts."""
-    accepted = proposed = 0
-    for record in filter(succeeded, records):
-        for choice in record["choices"]:
-            for accept_length, drafts in zip(
-                choice.get("accept_lengths", []), choice.get("draft_lengths", [])
-            ):
-                if drafts > 0:
-                    accepted += accept_length - 1
-                    proposed += drafts
-    return accepted, proposed
-
-
-def per_position_acceptance(records: list[dict]) -> list[float]:
-    """Acceptance rate of draft position i (0-based), as vLLM reports it.
-
-    rate[i] = number of target forwards that accepted more than i drafts ÷ number that proposed
-    more than i drafts. The list is as long as the longest draft.
-    """
-    proposed: list[int] = []
-    accepted: list[int] = []
-    for record in filter(succeeded, records):
-        for choice in record["choices"]:
-            for accept_length, drafts in zip(
-                choice.get("accept_lengths", []), choice.get("draft_lengths", [])
-            ):
-                if drafts > len(proposed):
-                    grow = drafts - len(proposed)
-                    proposed += [0] * grow
-                    accepted += [0] * grow
-                for position in range(drafts):
-                    proposed[position] += 1
-                for position in range(min(max(accept_length - 1, 0), drafts)):
-                    accepted[position] += 1
-    return [a / p for a, p in zip(accepted, proposed)]
 
 
 def leviathan_bound(alpha: float, gamma: int, cost_ratio: float) -> float:

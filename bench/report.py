@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from bench.errors import UserError
 from bench.metrics import (OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, latency_breakdown, load_run, rule,
-                           step_costs, summarize, temperature)
+                           step_costs, summarize, temperature, vllm_acceptance)
 
 # Decimals kept in summary.csv for each float column.
 CSV_DECIMALS = {
@@ -155,9 +155,29 @@ def markdown_report(run: Run, table: pd.DataFrame) -> str:
         ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += _latency_section(run)
-    lines += _rules_section(run, table)
+    lines += _acceptance_section(run, table) + _rules_section(run, table)
     lines += _skipped_section(run, table) + _failures_section(run) + _lossless_section(run, table)
     return "\n".join(lines) + "\n"
+
+
+def _acceptance_section(run: Run, table: pd.DataFrame) -> list[str]:
+    """Per method, over all its questions: vLLM's speculative decoding metrics (bench/drafts.py)."""
+    rows = []
+    for label in _shown_methods(run, table):
+        stats = vllm_acceptance(run.answers.get(label, []))
+        if not stats["drafting steps"]:
+            continue
+        positions = ", ".join(f"{rate:.2f}" for rate in stats["accepted tokens per position"][:8])
+        rows.append(f"| {label} | {_percent(stats['draft acceptance rate'])} | "
+                    f"{_number(stats['mean acceptance length'], 2)} | {positions} |")
+    if not rows:
+        return []
+    return ["", "## Draft acceptance (vLLM's metrics)", "",
+            "Draft acceptance rate = accepted ÷ proposed drafts; mean acceptance length = 1 + accepted drafts ÷ "
+            "steps that drafted; accepted tokens per position i = steps that accepted more than i drafts ÷ steps "
+            "that proposed more than i (the first 8 positions).", "",
+            "| Method | Draft acceptance rate | Mean acceptance length | Accepted tokens per position |",
+            "|---|---|---|---|"] + rows
 
 
 def _rules_section(run: Run, table: pd.DataFrame) -> list[str]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 import methods
 from bench import data
 from bench.device import hardware, peak_memory_bytes, reset_peak_memory, sync, unusable_gpu_problem
+from bench.drafts import vllm_acceptance
 from bench.errors import UserError
 from bench.lossless import classify
 from bench.models import LoadedModel, load_model
@@ -362,7 +363,9 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
         stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None, "rule": rule,
                              "trained_params": overhead.trained_params,
                              "extra_memory_bytes": overhead.extra_memory_bytes,
-                             "peak_memory_bytes": peak}
+                             "peak_memory_bytes": peak,
+                             "acceptance": vllm_acceptance([records[q["question_id"]] for q in questions
+                                                            if q["question_id"] in records])}
         write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
     return stats
 

@@ -15,7 +15,7 @@ PACKAGES = ("methods", "bench")
 # bench/ from bottom to top: a module imports only from its own layer or below (DESIGN.md §11).
 BENCH_LAYERS = [
     ("errors, devices, tiny models", {"bench", "bench.errors", "bench.device", "bench.tiny"}),
-    ("data", {"bench.data"}),
+    ("data", {"bench.data", "bench.drafts"}),
     ("models", {"bench.models"}),
     ("around one model", {"bench.specs", "bench.lossless", "bench.selftest", "bench.profile", "bench.distill",
                           "bench.training"}),

@@ -270,3 +270,17 @@ def test_report_without_answers_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no answers"):
         report.write_report(tmp_path / "empty")
+
+
+def test_vllm_acceptance_metrics(run_dir):
+    from bench.drafts import vllm_acceptance
+    run = metrics.load_run(run_dir)
+    stats = vllm_acceptance(run.answers[PLD])
+    accepted, proposed = metrics.acceptance_counts(run.answers[PLD])
+    assert stats["draft acceptance rate"] == pytest.approx(accepted / proposed)
+    assert stats["mean acceptance length"] == pytest.approx(1 + accepted / stats["drafting steps"])
+    assert stats["accepted tokens per position"] == pytest.approx(metrics.per_position_acceptance(run.answers[PLD]),
+                                                                abs=1e-4)
+    assert vllm_acceptance(run.answers["vanilla"])["mean acceptance length"] is None
+    report.write_report(run_dir)
+    assert "## Draft acceptance (vLLM's metrics)" in (run_dir / "summary.md").read_text()
