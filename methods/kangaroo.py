@@ -24,8 +24,8 @@ from methods import Generation, Option, ProfileTable, Sampling, StepCosts, accep
 from methods.drafter import Drafter
 from methods.products import set_matmul_path
 from methods.runtime import DecoderLayer, RMSNorm, Transformer
-from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
-                           teacher_distribution, token_batches, train_loop)
+from methods.train import (TrainingJob, candidate_head, chain_acceptance, precompute_features,
+                           soft_distillation_loss, teacher_distribution, token_batches, train_loop)
 
 PUBLISHED_HINT = ("Pass an adapter folder with --method-args kangaroo:adapter=PATH or KANGAROO_ADAPTER=PATH (the "
                   "published Vicuna-7B adapter, Equationliu/Kangaroo: config.json + pytorch_model.bin, has no hub "
@@ -301,18 +301,20 @@ def train_adapter(model: Transformer, adapter: KangarooAdapter, train_set, held_
 def evaluate_adapter(model: Transformer, adapter: KangarooAdapter, held_out, ranking: torch.Tensor,
                      candidates: int = 32768, thresholds=(0.0, 0.2, 0.4, 0.6, 0.8)) -> dict:
     """Held-out agreement with the full model's greedy token: top-1 over the full vocabulary and
-    over the candidate vocabulary, and per threshold eta the share of positions whose draft
-    probability reaches eta and how often those drafts are right."""
+    over the candidate vocabulary; per draft position (up to 6) the acceptance of a draft chain at
+    eta = 0 (methods/train.py's chain_acceptance); and per threshold eta the share of positions
+    whose draft probability reaches eta and how often those drafts are right."""
     head, head_ids = candidate_head(model, ranking, candidates)
     full_head = model.lm_head.weight.detach().float()
     right_full = right_candidates = total = 0
-    probabilities, correct = [], []
+    probabilities, correct, full_hits = [], [], []
     for shallow, final, mask in zip(held_out.shallow, held_out.final, held_out.loss_masks):
         mask = mask.to(model.device)
         student = adapter_outputs(model, adapter, shallow)[mask]
         teacher_tokens = (final.to(model.device)[mask] @ full_head.T).argmax(-1)
         student_full = (student @ full_head.T)
-        right_full += int((student_full.argmax(-1) == teacher_tokens).sum())
+        full_hits.append(student_full.argmax(-1) == teacher_tokens)
+        right_full += int(full_hits[-1].sum())
         candidate_probs = torch.softmax(student @ head.T, dim=-1)
         top_probability, top_index = candidate_probs.max(-1)
         hit = head_ids[top_index] == teacher_tokens
@@ -327,4 +329,5 @@ def evaluate_adapter(model: Transformer, adapter: KangarooAdapter, held_out, ran
         sweep[str(eta)] = {"drafted": float(confident.float().mean()),
                            "right_when_drafted": float(correct[confident].float().mean()) if confident.any() else 0.0}
     return {"tokens": total, "agreement_full_vocab": right_full / max(total, 1),
-            "agreement_candidates": right_candidates / max(total, 1), "threshold_sweep": sweep}
+            "agreement_candidates": right_candidates / max(total, 1),
+            "per_position_eta0": [round(a, 4) for a in chain_acceptance(full_hits, 6)], "threshold_sweep": sweep}

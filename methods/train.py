@@ -177,3 +177,20 @@ def train_loop(parameters, step_loss, batches: int, minutes: float, max_epochs: 
     report.epochs = report.steps / batches
     report.final_loss = smoothed if smoothed is not None else math.nan
     return report
+
+
+def chain_acceptance(correct: list[torch.Tensor], depth: int) -> list[float]:
+    """Per draft position, the acceptance a greedy drafter would see from its teacher-forced
+    correctness: `correct` holds one bool vector per sequence (the draft for token t + 1 equals
+    the target's), and position i of a chain started at t is accepted when tokens t..t+i all are.
+    Returns, for i < depth, chains correct through i ÷ chains correct through i - 1."""
+    reached = [0] * (depth + 1)
+    for hits in correct:
+        hits = hits.to(torch.int32).cpu()
+        run = torch.zeros_like(hits)
+        for t in range(hits.numel() - 1, -1, -1):  # run[t]: consecutive hits from t on
+            run[t] = hits[t] * (1 + (run[t + 1] if t + 1 < hits.numel() else 0))
+        for i in range(depth + 1):
+            reached[i] += int((run >= i).sum()) if i else hits.numel()
+    return [reached[i + 1] / reached[i] if reached[i] else 0.0 for i in range(depth)]
+

@@ -71,3 +71,11 @@ def test_commit_stops_at_a_stop_token_and_advances_the_cache():
     assert core.verify_linear(state, verify, torch.tensor([5, 99])) == 2
     assert state.new_ids == [4, 5, 99] and state.accept_lengths == [1, 2] and state.draft_lengths == [0, 2]
     assert state.length == 6 and state.done
+
+
+def test_chain_acceptance_per_draft_position():
+    from methods.train import chain_acceptance
+    hits = [torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)]
+    # chains from each start: run lengths 2,1,0,3,2,1 -> reach >=1: 5 of 6, >=2: 3 of 5, >=3: 1 of 3
+    assert chain_acceptance(hits, 3) == pytest.approx([5 / 6, 3 / 5, 1 / 3])
+    assert chain_acceptance([torch.zeros(4, dtype=torch.bool)], 2) == [0.0, 0.0]
