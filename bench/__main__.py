@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--candidates", type=int, default=32768,
                        help="distil over the N most frequent tokens [32768]")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-tune", action="store_true", help="skip timing the tuning grid after training (tune "
+                       "later with `bench tune`, on a quiet machine: it measures speed)")
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="float32", help="float32 (default: the drafter trains in full precision)")
 

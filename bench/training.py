@@ -213,7 +213,7 @@ def train_command(args) -> None:
         config = cls.train(job)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if cls.tuning_grid:
+    if cls.tuning_grid and not args.no_tune:
         config = tune(model, args.method, out)
     print(f"saved {out}: final loss {config['provenance']['history'][-1]['final_loss']}; held-out "
           f"{json.dumps(config['provenance']['held_out'])}")

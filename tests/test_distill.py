@@ -5,6 +5,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 import methods
 from bench import data, distill
@@ -73,3 +74,34 @@ def test_other_settings_in_the_same_folder_are_refused(conversations, questions_
     assert main(args + ["--max-new-tokens", "4"]) == 0
     assert main(args + ["--max-new-tokens", "5"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, options", [("kangaroo", ["exit_layer=1"]), ("medusa", ["num_heads=2"])])
+def test_train_on_distilled_answers_through_the_method_hook(method, options, tmp_path, monkeypatch):
+    """`bench train --data DIR`: the method's own `train` hook on the model's answers, a loadable checkpoint."""
+    from bench import training
+    monkeypatch.setattr(training, "token_ranking", lambda model: torch.arange(model.runtime.config.vocab_size))
+    model = tiny("tiny-llama-random")
+    generator = torch.Generator().manual_seed(0)
+    records = [{"id": str(i), "split": "held_out" if i % 5 == 0 else "train",
+                "prompt_ids": [1] + torch.randint(4, 200, (12,), generator=generator).tolist(),
+                "answer_ids": torch.randint(4, 200, (20,), generator=generator).tolist(), "stopped": False}
+               for i in range(10)]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    distill.append_answers(folder / distill.ANSWERS, records)
+    out = tmp_path / "ckpt"
+    assert main(["train", "--model", "tiny-llama-random", "--method", method, "--data", str(folder), "--out", str(out),
+                 "--minutes", "0.2", "--epochs", "1", "--candidates", "64", "--no-tune", "--dtype", "float64",
+                 "--device", "cpu", "--set", *options]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["provenance"]["tokens"] == 8 * 20 and "distill-data" in config["provenance"]["data"]
+    assert config["provenance"]["held_out"]
+    loaded = methods.get(method)(model.runtime, **{methods.get(method).checkpoint_option: str(out)})
+    ids = records[0]["prompt_ids"]
+    assert loaded.generate(ids, 12, []).new_ids == methods.get("vanilla")(model.runtime).generate(ids, 12, []).new_ids
+
+
+def test_unknown_training_option_lists_the_valid_ones(capsys):
+    assert main(["train", "--model", "tiny-llama-random", "--method", "kangaroo", "--set", "depth=3"]) == 2
+    assert "exit_layer" in capsys.readouterr().err
