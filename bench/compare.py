@@ -148,12 +148,16 @@ def config_differences(baseline: dict | None, new: dict | None) -> list[str]:
 
 
 def hardware_name(config: dict | None) -> str | None:
+    """The machine a run's speedups belong to: its processor, cores and the product path `--matmul`
+    resolved to there (a path is a property of the machine, like its CPU)."""
     if not config:
         return None
-    hardware = (config.get("environment") or {}).get("hardware") or {}
+    environment = config.get("environment") or {}
+    hardware = environment.get("hardware") or {}
     if not hardware.get("name"):
         return None
-    return f"{hardware['name']} ({hardware.get('cpu_count', '?')} cores)"
+    path = environment.get("matmul_resolved") or config.get("matmul")
+    return f"{hardware['name']} ({hardware.get('cpu_count', '?')} cores" + (f", {path} products)" if path else ")")
 
 
 def _missing(value) -> bool:

@@ -45,7 +45,8 @@ import torch
 from bench.errors import UserError
 from bench.device import hardware
 from bench.runner import (Plan, RunSettings, build_config, config_hash, load_run_model, model_facts,
-                          plan_run, prepare_out_dir, read_answers, resumed_matmul, run_methods, write_answers,
+                          plan_run, prepare_out_dir, read_answers, resolved_matmul, resumed_matmul, run_methods,
+                          write_answers,
                           write_atomic)
 from methods.products import pick_matmul_path
 
@@ -193,8 +194,8 @@ def sweep_cell(settings: RunSettings, plan: Plan, cell: Cell, config: dict, dire
     started = time.perf_counter()
     seed_answers(directory, plan, seed)
     model = load_run_model(settings)
-    pick_matmul_path(model.runtime, config["matmul"])
-    if threads and model.runtime.device.type == "cpu" and config["matmul"] == "torch":
+    path = pick_matmul_path(model.runtime, resolved_matmul(config))
+    if threads and model.runtime.device.type == "cpu" and path == "torch":
         torch.set_num_threads(threads)
     cell_config = json.loads(json.dumps(config))
     stats = run_methods(model, plan, plan.questions, settings, directory, cell_config, {})

@@ -124,7 +124,7 @@ def markdown_report(run: Run, table: pd.DataFrame) -> str:
     lines = [f"# Spec-Bench results: {config.get('model', 'unknown model')}", ""]
     settings = [
         ("device", config.get("device")), ("dtype", config.get("dtype")),
-        ("matmul", config.get("matmul")), ("max_new_tokens", config.get("max_new_tokens")),
+        ("matmul", _matmul_text(config)), ("max_new_tokens", config.get("max_new_tokens")),
         ("runs", config.get("runs")), ("temperature", config.get("temperature")), ("seed", config.get("seed")),
         ("hardware", _hardware(config)),
     ]
@@ -192,6 +192,11 @@ def _rules_section(run: Run, table: pd.DataFrame) -> list[str]:
              "| Method | Rule |", "|---|---|"]
     lines += [f"| {label} | {rule(run, label)} |" for label in _shown_methods(run, table)]
     return lines
+
+
+def _matmul_text(config: dict) -> str | None:
+    requested, resolved = config.get("matmul"), (config.get("environment") or {}).get("matmul_resolved")
+    return f"{requested} (resolved: {resolved})" if resolved and resolved != requested else requested
 
 
 def _percent(value) -> str:

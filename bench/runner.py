@@ -252,10 +252,17 @@ def load_run_model(settings: RunSettings) -> LoadedModel:
     return model
 
 
+def resolved_matmul(config: dict) -> str | None:
+    """The product path a run's `--matmul` resolved to on its machine (config.json's environment;
+    older runs recorded it as `matmul` itself)."""
+    return (config.get("environment") or {}).get("matmul_resolved") or config.get("matmul")
+
+
 def resumed_matmul(out: Path, requested: str) -> str:
-    """The matmul path to ask for: when resuming with `auto`, the path the run started with."""
+    """The matmul path to ask for: when resuming with `auto`, the path the run started with, so that
+    every method of a run decodes on one path."""
     if requested == "auto" and (out / "config.json").exists():
-        return json.loads((out / "config.json").read_text()).get("matmul", "auto")
+        return resolved_matmul(json.loads((out / "config.json").read_text())) or "auto"
     return requested
 
 
@@ -266,15 +273,17 @@ def model_facts(model: LoadedModel) -> dict:
 
 
 def build_config(facts: dict, matmul: str, plan: Plan, settings: RunSettings, launcher: dict | None = None) -> dict:
-    """config.json before prepare_out_dir: `facts` from model_facts, `launcher` goes into the
-    environment section (it does not enter the config hash)."""
+    """config.json before prepare_out_dir: `facts` from model_facts; `matmul` is the path the
+    requested `--matmul` resolved to, which like `launcher` goes into the environment section: it
+    depends on the machine as the CPU model does, and does not enter the config hash."""
     environment_section = environment()
     environment_section.update(launcher or {"launcher": "local"})
+    environment_section["matmul_resolved"] = matmul
     if settings.device_map not in (None, "none"):
         environment_section["device_map"] = settings.device_map
     return {
         **facts,
-        "matmul": matmul,
+        "matmul": settings.matmul,  # as requested (auto, torch, blas or kernel)
         "questions": {"path": str(plan.questions_file), "sha256": plan.questions_sha256, "pinned": plan.pinned},
         "categories": plan.groups, "limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
         "runs": settings.runs,

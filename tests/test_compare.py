@@ -198,3 +198,23 @@ def test_planted_regression_exits_1_and_identical_rerun_exits_0(tmp_path, questi
     assert main(["compare", str(base), str(worse), "--tolerance", "speedup=0.9"]) == 1
     printed = capsys.readouterr().out
     assert any(line.startswith("pld") and "τ" in line and "REGRESSION" in line for line in printed.splitlines())
+
+
+def test_a_machine_where_auto_resolves_otherwise_is_compared_with_a_warning(tmp_path, questions_file, capsys):
+    """The resolved product path is the machine's, like its CPU: another one warns, never exits 2."""
+    import shutil
+    base = tiny_run(tmp_path / "base", questions_file)
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    config = json.loads((other / "config.json").read_text())
+    assert config["matmul"] == "torch" and config["environment"]["matmul_resolved"] == "torch"
+    config["matmul"] = "auto"
+    config["environment"]["matmul_resolved"] = "kernel"
+    (other / "config.json").write_text(json.dumps(config))
+    base_config = json.loads((base / "config.json").read_text())
+    base_config["matmul"] = "auto"
+    (base / "config.json").write_text(json.dumps(base_config))
+    capsys.readouterr()
+    assert main(["compare", str(base), str(other)]) == 0
+    printed = capsys.readouterr().out
+    assert "speedup only warned about" in printed and "kernel products" in printed

@@ -169,7 +169,8 @@ def test_end_to_end_run_directory(questions, tmp_path, capsys):
     assert config["model"] == MODEL
     assert config["dtype"] == "float32"
     assert config["device"] == "cpu"
-    assert config["matmul"] in ("torch", "blas")
+    assert config["matmul"] == "auto"  # as requested; the machine's resolved path is environment, out of the hash
+    assert config["environment"]["matmul_resolved"] in ("torch", "blas", "kernel")
     assert config["questions"]["sha256"] == data.file_sha256(questions)
     assert config["categories"] == ["mt_bench", "qa"]
     assert config["limit"] == 1 and config["max_new_tokens"] == 8 and config["runs"] == 1
