@@ -227,13 +227,8 @@ class Kangaroo(Drafter):
         evaluation = evaluate_adapter(runtime, adapter, held_out, job.ranking, job.candidates)
         objective = ("soft distillation -sum p log q onto the full model at the same position, over the "
                      f"{job.candidates} most frequent tokens")
-        config = {"method": "kangaroo", "base_model": job.alias, "family": job.family,
-                  "shapes": {k: list(v.shape) for k, v in adapter.state_dict().items()},
-                  "options": {"exit_layer": exit_layer, "draft_vocab_trained": job.candidates},
-                  "provenance": job.provenance(job.history(previous, report, lr, train_set.tokens), objective,
-                                               train_set.tokens, held_out.tokens, evaluation)}
-        checkpoints.save(job.out, adapter.state_dict(), config, vocab_ranking=job.ranking[:65536])
-        return config
+        return job.save("kangaroo", adapter, {"exit_layer": exit_layer, "draft_vocab_trained": job.candidates},
+                        objective, report, lr, train_set.tokens, held_out.tokens, evaluation, previous)
 
     @classmethod
     def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:

@@ -247,14 +247,9 @@ class Medusa(Drafter):
         evaluation = evaluate_heads(runtime, heads, held_out, job.ranking, job.candidates)
         objective = ("self-distillation: head k learns the full model's distribution k positions later "
                      f"(-sum p log q over the {job.candidates} most frequent tokens, weight 0.8^k)")
-        config = {"method": "medusa", "base_model": job.alias, "family": job.family,
-                  "shapes": {k: list(v.shape) for k, v in heads.state_dict().items()},
-                  "options": {"num_heads": len(heads), "share_lm_head": True, "draft_vocab_trained": job.candidates},
-                  "recommended": {"draft_vocab": job.candidates},
-                  "provenance": job.provenance(job.history(previous, report, lr, train_set.tokens), objective,
-                                               train_set.tokens, held_out.tokens, evaluation)}
-        checkpoints.save(job.out, heads.state_dict(), config, vocab_ranking=job.ranking[:65536])
-        return config
+        options = {"num_heads": len(heads), "share_lm_head": True, "draft_vocab_trained": job.candidates}
+        return job.save("medusa", heads, options, objective, report, lr, train_set.tokens, held_out.tokens, evaluation,
+                        previous, recommended={"draft_vocab": job.candidates})
 
     @classmethod
     def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from methods import checkpoints
 from methods.runtime import Transformer
 
 
@@ -50,18 +51,27 @@ class TrainingJob:
 
     def history(self, previous: dict | None, report: "TrainReport", lr: float, tokens: int) -> list[dict]:
         """The checkpoint's training history: the earlier jobs' (when resumed) and this one."""
-        from methods.checkpoints import git_commit
         entries = list((previous or {}).get("provenance", {}).get("history", []))
         entries.append({"tokens": tokens, "epochs": round(report.epochs, 3), "steps": report.steps,
                         "minutes": round(report.seconds / 60, 2), "final_loss": round(report.final_loss, 4),
-                        "lr": lr, "seed": self.seed, "data": self.data, "git_commit": git_commit()})
+                        "lr": lr, "seed": self.seed, "data": self.data, "git_commit": checkpoints.git_commit()})
         return entries
 
-    def provenance(self, history: list[dict], objective: str, tokens: int, held_out_tokens: int,
-                   evaluation: dict) -> dict:
-        return {"data": self.data, "objective": objective, "tokens": tokens, "held_out_tokens": held_out_tokens,
-                "total_minutes": round((time.perf_counter() - self.started) / 60, 2), "history": history,
-                "held_out": evaluation}
+    def save(self, method: str, module: nn.Module, options: dict, objective: str, report: "TrainReport", lr: float,
+             tokens: int, held_out_tokens: int, evaluation: dict, previous: dict | None = None,
+             recommended: dict | None = None) -> dict:
+        """Save `module` as the checkpoint folder `out` (methods/checkpoints.py's format) with its
+        provenance: data, objective, tokens, minutes, this job and the earlier ones (when resumed),
+        and the held-out evaluation. Returns the config."""
+        config = {"method": method, "base_model": self.alias, "family": self.family,
+                  "shapes": {k: list(v.shape) for k, v in module.state_dict().items()}, "options": options,
+                  **({"recommended": recommended} if recommended else {}),
+                  "provenance": {"data": self.data, "objective": objective, "tokens": tokens,
+                                 "held_out_tokens": held_out_tokens,
+                                 "total_minutes": round((time.perf_counter() - self.started) / 60, 2),
+                                 "history": self.history(previous, report, lr, tokens), "held_out": evaluation}}
+        checkpoints.save(self.out, module.state_dict(), config, vocab_ranking=self.ranking[:65536])
+        return config
 
 
 @dataclass

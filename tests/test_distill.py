@@ -105,3 +105,21 @@ def test_train_on_distilled_answers_through_the_method_hook(method, options, tmp
 def test_unknown_training_option_lists_the_valid_ones(capsys):
     assert main(["train", "--model", "tiny-llama-random", "--method", "kangaroo", "--set", "depth=3"]) == 2
     assert "exit_layer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_committed_answers_hold_no_spec_bench_question(embedded, questions_file):
+    """data/distill/gemma-3-270m: every prompt, decoded, shares no normalised 8-word n-gram with any
+    Spec-Bench turn, and none of the recorded exclusions slipped in."""
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[1] / "data" / "distill" / "gemma-3-270m"
+    records = distill.read_answers(folder / distill.ANSWERS)
+    provenance = json.loads((folder / distill.PROVENANCE).read_text())
+    assert len(records) == provenance["conversations"] > 1000
+    assert provenance["settings"]["model"] == "gemma-3-270m" and provenance["excluded_ids"]
+    benchmark = distill.benchmark_ngrams(questions_file)
+    assert not {r["id"] for r in records} & set(provenance["excluded_ids"])
+    overlapping = [r["id"] for r in records
+                   if distill.overlaps_benchmark(embedded.tokenizer.decode(r["prompt_ids"]), benchmark)]
+    assert overlapping == []
+    assert sum(len(r["answer_ids"]) for r in records) == provenance["tokens"]
