@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import methods
 from bench.errors import UserError
 from bench.metrics import SUMMARY_COLUMNS
 
@@ -142,9 +143,29 @@ def config_differences(baseline: dict | None, new: dict | None) -> list[str]:
             old_value, new_value = old_methods[label].get(key), new_methods[label].get(key)
             if key == "checkpoints" and isinstance(old_value, dict) and isinstance(new_value, dict):
                 old_value, new_value = sorted(old_value.values()), sorted(new_value.values())  # hashes, not paths
+            if key != "checkpoints" and isinstance(old_value, dict) and isinstance(new_value, dict):
+                name = new_methods[label].get("name") or old_methods[label].get("name") or label.split("+")[0]
+                old_value, new_value = _without_added_defaults(name, old_value, new_value)
             if old_value is not None and new_value is not None and old_value != new_value:
                 differences.append(f"methods[{label}].{key}: {old_value} vs {new_value}")
     return differences
+
+
+def _without_added_defaults(name: str | None, old: dict, new: dict) -> tuple[dict, dict]:
+    """Both option dicts without the options that only one side records at the method's declared
+    default: an option added after the other run was made, whose default keeps the behaviour that
+    run had, does not make the two incomparable (a non-default value, or an unknown method, does)."""
+    try:
+        declared = methods.get(name).options if name else {}
+    except KeyError:
+        declared = {}
+
+    def added_default(key: str, value) -> bool:
+        return key in declared and value in (None, declared[key].default)
+
+    old = {k: v for k, v in old.items() if k in new or not added_default(k, v)}
+    new = {k: v for k, v in new.items() if k in old or not added_default(k, v)}
+    return old, new
 
 
 def hardware_name(config: dict | None) -> str | None:

@@ -146,6 +146,21 @@ def test_different_configs_are_reported_not_compared(tmp_path):
     assert code == 2 and "methods[pld].options" in text
 
 
+def test_an_option_added_at_its_default_keeps_old_baselines_comparable(tmp_path):
+    """A baseline made before a method gained an option is compared with a run that records the new
+    option at its declared default; the option at another value, or an unknown option, still differs."""
+    default = methods.pld.PromptLookup.options["max_ngram"].default
+    base = write_side(tmp_path / "base", BASE_ROWS, methods={"pld": {"name": "pld", "options": {"num_draft": 10}}})
+    for value, comparable in ((default, True), (None, True), (default + 1, False)):
+        new = write_side(tmp_path / f"new-{value}", BASE_ROWS,
+                         methods={"pld": {"name": "pld", "options": {"num_draft": 10, "max_ngram": value}}})
+        text = io.StringIO()
+        assert (compare_command(str(base), str(new), out=text) == 0) == comparable, text.getvalue()
+    unknown = write_side(tmp_path / "unknown", BASE_ROWS,
+                         methods={"pld": {"name": "pld", "options": {"num_draft": 10, "window": 4}}})
+    assert compare_command(str(base), str(unknown), out=io.StringIO()) == 2
+
+
 def test_summary_csv_paths_work(tmp_path):
     base = write_side(tmp_path / "base", BASE_ROWS)
     new = write_side(tmp_path / "new", changed(mean_accepted_tokens=1.0))
