@@ -243,7 +243,8 @@ class Medusa(Drafter):
         else:
             heads = build_heads(runtime.config.hidden_size, runtime.config.vocab_size, job.options["num_heads"], True)
             heads.to(device=runtime.device, dtype=runtime.dtype)
-        report = train_heads(runtime, heads, train_set, job.ranking, job.candidates, job.minutes, job.epochs, lr)
+        report = train_heads(runtime, heads, train_set, job.ranking, job.candidates, job.minutes, job.epochs, lr,
+                             held_out=held_out)
         evaluation = evaluate_heads(runtime, heads, held_out, job.ranking, job.candidates)
         objective = ("self-distillation: head k learns the full model's distribution k positions later "
                      f"(-sum p log q over the {job.candidates} most frequent tokens, weight 0.8^k)")
@@ -263,7 +264,7 @@ class Medusa(Drafter):
 # ---- training -------------------------------------------------------------------------------
 def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: torch.Tensor, candidates: int = 32768,
                 minutes: float = 30, max_epochs: float = 4, lr: float = 1e-3, batch_tokens: int = 2048,
-                decay: float = 0.8):
+                decay: float = 0.8, held_out=None):
     """Self-distillation of the heads (shared, frozen LM head): head k at position t learns the
     full model's distribution at position t + k (its prediction of token t + k + 1), over the
     `candidates` most frequent tokens; head k's loss is weighted decay**k, as Medusa-1."""
@@ -292,7 +293,18 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
                     * int(rows.sum())
         return total / max(tokens, 1), tokens
 
-    report = train_loop(heads.parameters(), step_loss, len(batches), minutes, max_epochs, lr, desc="medusa")
+    evaluate = None
+    if held_out is not None:
+        sample = held_out.first(4096)
+
+        def evaluate() -> float:  # held-out top-1 of the first head, for the training curve
+            heads.eval()
+            value = evaluate_heads(model, heads[:1], sample, ranking, candidates)["heads"][0]["top1"]
+            heads.train()
+            return value
+
+    report = train_loop(heads.parameters(), step_loss, len(batches), minutes, max_epochs, lr, desc="medusa",
+                        evaluate=evaluate)
     heads.eval().requires_grad_(False)
     return report
 

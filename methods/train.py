@@ -54,7 +54,8 @@ class TrainingJob:
         entries = list((previous or {}).get("provenance", {}).get("history", []))
         entries.append({"tokens": tokens, "epochs": round(report.epochs, 3), "steps": report.steps,
                         "minutes": round(report.seconds / 60, 2), "final_loss": round(report.final_loss, 4),
-                        "lr": lr, "seed": self.seed, "data": self.data, "git_commit": checkpoints.git_commit()})
+                        "lr": lr, "seed": self.seed, "data": self.data, "git_commit": checkpoints.git_commit(),
+                        **({"curve": report.curve} if report.curve else {})})
         return entries
 
     def save(self, method: str, module: nn.Module, options: dict, objective: str, report: "TrainReport", lr: float,
@@ -84,6 +85,15 @@ class FeatureSet:
     @property
     def tokens(self) -> int:
         return int(sum(int(mask.sum()) for mask in self.loss_masks))
+
+    def first(self, tokens: int) -> "FeatureSet":
+        """The leading sequences that hold at least `tokens` loss tokens (all, if fewer): a cheap
+        held-out sample for the curve a training job records as it goes."""
+        count, seen = 0, 0
+        while count < len(self.loss_masks) and seen < tokens:
+            seen += int(self.loss_masks[count].sum())
+            count += 1
+        return FeatureSet(*(values[:count] for values in (self.ids, self.loss_masks, self.shallow, self.final)))
 
 
 @torch.inference_mode()
@@ -154,38 +164,54 @@ class TrainReport:
     seconds: float = 0.0
     final_loss: float = math.nan
     losses: list[float] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)  # held-out figure against training minutes
 
 
 def train_loop(parameters, step_loss, batches: int, minutes: float, max_epochs: float, lr: float,
-               clip: float = 0.5, desc: str = "train", tokens_per_batch=None) -> TrainReport:
-    """AdamW (0.9, 0.95) with a cosine schedule over the planned steps, gradient clipping, a
-    progress bar, and a wall-clock budget. `step_loss(i)` returns (loss, tokens) for batch i mod
-    `batches`."""
+               clip: float = 0.5, desc: str = "train", evaluate=None, eval_minutes: float = 10) -> TrainReport:
+    """AdamW (0.9, 0.95), gradient clipping, a progress bar and a wall-clock budget. The learning
+    rate warms up over 20 steps, then follows a cosine to a tenth of `lr` over whichever ends first,
+    the planned epochs or the minutes, so a job cut by its budget still ends annealed.
+    `step_loss(i)` returns (loss, tokens) for batch i mod `batches`. `evaluate()`, when given, is
+    called every `eval_minutes` and at the end; its held-out figure goes into report.curve."""
     parameters = [p for p in parameters if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    total = max(1, int(batches * max_epochs))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))))
+    total, budget = max(1, int(batches * max_epochs)), 60 * minutes
     report, started, smoothed = TrainReport(), time.perf_counter(), None
+    next_eval = 60 * eval_minutes
+
+    def checkpoint_curve():
+        if evaluate is not None:
+            report.curve.append({"minutes": round((time.perf_counter() - started) / 60, 2), "steps": report.steps,
+                                 "held_out": round(float(evaluate()), 4)})
+            print(f"[train] {report.curve[-1]}", file=sys.stderr)
+
     progress = tqdm(range(total), desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
     for step in progress:
+        elapsed = time.perf_counter() - started
+        done = max(step / total, elapsed / budget) if budget > 0 else step / total
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0))))
         loss, tokens = step_loss(step % batches)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
-        schedule.step()
         value = loss.item()
         smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
         report.losses.append(value)
         report.steps, report.tokens_seen = step + 1, report.tokens_seen + tokens
         progress.set_postfix(loss=f"{smoothed:.3f}")
-        if time.perf_counter() - started > 60 * minutes:
+        if time.perf_counter() - started > next_eval:
+            checkpoint_curve()
+            next_eval += 60 * eval_minutes
+        if time.perf_counter() - started > budget:
             print(f"[train] time budget of {minutes} min reached after {step + 1} of {total} steps", file=sys.stderr)
             break
     report.seconds = time.perf_counter() - started
     report.epochs = report.steps / batches
     report.final_loss = smoothed if smoothed is not None else math.nan
+    checkpoint_curve()
     return report
 
 

@@ -97,6 +97,9 @@ def test_train_on_distilled_answers_through_the_method_hook(method, options, tmp
     config = json.loads((out / "config.json").read_text())
     assert config["provenance"]["tokens"] == 8 * 20 and "distill-data" in config["provenance"]["data"]
     assert config["provenance"]["held_out"]
+    curve = config["provenance"]["history"][-1]["curve"]  # the held-out figure at the end of the job
+    assert len(curve) == 1 and curve[0]["steps"] == config["provenance"]["history"][-1]["steps"]
+    assert 0.0 <= curve[0]["held_out"] <= 1.0
     loaded = methods.get(method)(model.runtime, **{methods.get(method).checkpoint_option: str(out)})
     ids = records[0]["prompt_ids"]
     assert loaded.generate(ids, 12, []).new_ids == methods.get("vanilla")(model.runtime).generate(ids, 12, []).new_ids

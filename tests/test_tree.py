@@ -79,3 +79,31 @@ def test_chain_acceptance_per_draft_position():
     # chains from each start: run lengths 2,1,0,3,2,1 -> reach >=1: 5 of 6, >=2: 3 of 5, >=3: 1 of 3
     assert chain_acceptance(hits, 3) == pytest.approx([5 / 6, 3 / 5, 1 / 3])
     assert chain_acceptance([torch.zeros(4, dtype=torch.bool)], 2) == [0.0, 0.0]
+
+
+def test_train_loop_anneals_within_its_time_budget_and_records_the_curve(monkeypatch):
+    """A job cut by its minutes still ends near lr/10 (the cosine follows elapsed time, not the
+    planned epochs), and the evaluation runs every eval_minutes and once at the end."""
+    from methods import train
+    clock = iter(range(100_000))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock) * 0.3)  # 0.005 min per call
+    optimizers = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    monkeypatch.setattr(train.torch.optim, "AdamW", Recorded)
+    weight = torch.nn.Parameter(torch.ones(3))
+    rates, evaluations = [], []
+
+    def step_loss(i):
+        rates.append(optimizers[0].param_groups[0]["lr"])
+        return (weight ** 2).sum(), 3
+
+    report = train.train_loop([weight], step_loss, batches=4, minutes=3.0, max_epochs=1000, lr=1.0,
+                              evaluate=lambda: evaluations.append(1) or 0.5, eval_minutes=1.0)
+    assert 100 < report.steps < 4000  # cut by the budget, far from the planned epochs
+    assert rates[-1] == pytest.approx(0.1, abs=0.01) and max(rates) > 0.95
+    assert len(report.curve) == len(evaluations) >= 3 and report.curve[-1]["steps"] == report.steps
