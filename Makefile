@@ -102,7 +102,7 @@ regress: $(STAMP)
 regress-baseline: $(STAMP)
 	rm -rf $(REGRESS_BASELINE)
 	$(PY) -m bench run --model gemma-3-270m --methods $(REGRESS_METHODS) --limit 1 --max-new-tokens 64 \
-	  --device cpu --dtype float32 --matmul blas --out $(REGRESS_BASELINE) $(if $(QUESTIONS),--questions $(QUESTIONS))
+	  --device cpu --dtype float32 --matmul auto --out $(REGRESS_BASELINE) $(if $(QUESTIONS),--questions $(QUESTIONS))
 
 # The committed reference run (README, "Reference results"): every shipped method, the six groups,
 # 3 questions per group, 128 new tokens, 3 runs, plus the step-cost profile; about 85 minutes on
@@ -111,8 +111,8 @@ REFERENCE_OUT ?= results/reference
 reference: $(STAMP)
 	rm -rf $(REFERENCE_OUT)
 	$(PY) -m bench run --model gemma-3-270m --limit 3 --max-new-tokens 128 --runs 3 \
-	  --device cpu --dtype float32 --matmul blas --out $(REFERENCE_OUT) --no-report $(if $(QUESTIONS),--questions $(QUESTIONS))
-	$(PY) -m bench profile --model gemma-3-270m --device cpu --matmul blas --out $(REFERENCE_OUT)
+	  --device cpu --dtype float32 --matmul auto --out $(REFERENCE_OUT) --no-report $(if $(QUESTIONS),--questions $(QUESTIONS))
+	$(PY) -m bench profile --model gemma-3-270m --device cpu --matmul auto --out $(REFERENCE_OUT)
 	$(PY) -m bench report $(REFERENCE_OUT)
 
 # The GPU self-test (README, "Checking a GPU box"): the system's own python, torch and transformers,
