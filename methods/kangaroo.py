@@ -287,16 +287,10 @@ def train_adapter(model: Transformer, adapter: KangarooAdapter, train_set, held_
             tokens += int(mask.sum())
         return torch.stack(losses).sum() / tokens, tokens
 
-    sample = held_out.first(4096)
-
-    def agreement() -> float:  # held-out top-1 agreement over the candidates, for the training curve
-        adapter.eval()
-        value = evaluate_adapter(model, adapter, sample, ranking, candidates)["agreement_candidates"]
-        adapter.train()
-        return value
-
-    report = train_loop(adapter.parameters(), step_loss, len(batches), minutes, max_epochs, lr, desc="kangaroo",
-                        evaluate=agreement)
+    sample = held_out.first(4096)  # the training curve: held-out top-1 agreement over the candidates
+    report = train_loop(adapter, step_loss, len(batches), minutes, max_epochs, lr, desc="kangaroo",
+                        evaluate=lambda: evaluate_adapter(model, adapter, sample, ranking,
+                                                          candidates)["agreement_candidates"])
     adapter.eval().requires_grad_(False)
     return report
 

@@ -294,17 +294,10 @@ def train_heads(model: Transformer, heads: nn.ModuleList, train_set, ranking: to
         return total / max(tokens, 1), tokens
 
     evaluate = None
-    if held_out is not None:
+    if held_out is not None:  # the training curve: held-out top-1 of the first head
         sample = held_out.first(4096)
-
-        def evaluate() -> float:  # held-out top-1 of the first head, for the training curve
-            heads.eval()
-            value = evaluate_heads(model, heads[:1], sample, ranking, candidates)["heads"][0]["top1"]
-            heads.train()
-            return value
-
-    report = train_loop(heads.parameters(), step_loss, len(batches), minutes, max_epochs, lr, desc="medusa",
-                        evaluate=evaluate)
+        evaluate = lambda: evaluate_heads(model, heads[:1], sample, ranking, candidates)["heads"][0]["top1"]
+    report = train_loop(heads, step_loss, len(batches), minutes, max_epochs, lr, desc="medusa", evaluate=evaluate)
     heads.eval().requires_grad_(False)
     return report
 

@@ -167,14 +167,15 @@ class TrainReport:
     curve: list[dict] = field(default_factory=list)  # held-out figure against training minutes
 
 
-def train_loop(parameters, step_loss, batches: int, minutes: float, max_epochs: float, lr: float,
+def train_loop(module: nn.Module, step_loss, batches: int, minutes: float, max_epochs: float, lr: float,
                clip: float = 0.5, desc: str = "train", evaluate=None, eval_minutes: float = 10) -> TrainReport:
     """AdamW (0.9, 0.95), gradient clipping, a progress bar and a wall-clock budget. The learning
     rate warms up over 20 steps, then follows a cosine to a tenth of `lr` over whichever ends first,
     the planned epochs or the minutes, so a job cut by its budget still ends annealed.
     `step_loss(i)` returns (loss, tokens) for batch i mod `batches`. `evaluate()`, when given, is
-    called every `eval_minutes` and at the end; its held-out figure goes into report.curve."""
-    parameters = [p for p in parameters if p.requires_grad]
+    called every `eval_minutes` and at the end, with `module` in eval mode; its held-out figure
+    goes into report.curve."""
+    parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     total, budget = max(1, int(batches * max_epochs)), 60 * minutes
     report, started, smoothed = TrainReport(), time.perf_counter(), None
@@ -182,8 +183,11 @@ def train_loop(parameters, step_loss, batches: int, minutes: float, max_epochs: 
 
     def checkpoint_curve():
         if evaluate is not None:
+            module.eval()
+            value = float(evaluate())
+            module.train()
             report.curve.append({"minutes": round((time.perf_counter() - started) / 60, 2), "steps": report.steps,
-                                 "held_out": round(float(evaluate()), 4)})
+                                 "held_out": round(value, 4)})
             print(f"[train] {report.curve[-1]}", file=sys.stderr)
 
     progress = tqdm(range(total), desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)

@@ -102,7 +102,9 @@ def test_train_loop_anneals_within_its_time_budget_and_records_the_curve(monkeyp
         rates.append(optimizers[0].param_groups[0]["lr"])
         return (weight ** 2).sum(), 3
 
-    report = train.train_loop([weight], step_loss, batches=4, minutes=3.0, max_epochs=1000, lr=1.0,
+    module = torch.nn.Module()
+    module.weight = weight
+    report = train.train_loop(module, step_loss, batches=4, minutes=3.0, max_epochs=1000, lr=1.0,
                               evaluate=lambda: evaluations.append(1) or 0.5, eval_minutes=1.0)
     assert 100 < report.steps < 4000  # cut by the budget, far from the planned epochs
     assert rates[-1] == pytest.approx(0.1, abs=0.01) and max(rates) > 0.95
