@@ -12,7 +12,10 @@ with a device sync before every clock read.
 The read rate behind the floor is the best the machine shows: the 1 GiB stream test or a
 one-row OpenBLAS product by the LM head (`lm_head_read_blas`), whichever is faster. On CPU the
 forwards are also timed on the BLAS path in the same process (`forward_blas`), so a path's absolute
-milliseconds come paired with BLAS's.
+milliseconds come paired with BLAS's. Where memory bandwidth drifts (a shared host), a floor
+measured once and a forward measured a minute later do not compare, so the one-token forward is
+also timed in alternation with the read probe (`floor_interleaved`, `forward_interleaved`, and
+their median ratio `forward_over_floor_interleaved` in profile.json).
 
 Writes DIR/profile.csv (component,k,context,ms_min,ms_median; the floor rows are component
 `floor`, the measurements `stream_read_1gib`, `lm_head_read_blas` and `peak_matmul`), DIR/profile.json (bandwidth,
@@ -131,6 +134,36 @@ def forward_cost(runtime, k: int, context: int) -> tuple[int, int]:
     return weight_bytes + kv_bytes, flops
 
 
+@torch.inference_mode()
+def interleaved_floor_ratio(runtime, cache, context: int, record, rounds: int = 7,
+                            stream_bytes: int = 1 << 28) -> float:
+    """A one-token forward ÷ its floor, measured in alternation: a machine whose memory bandwidth
+    drifts (a shared host) moves both together. Each round times the read probe (the faster of a
+    torch sum and a BLAS matrix-vector product over `stream_bytes`) and then the forward at
+    `context` (which the cache must already hold); the floor of the round is the forward's bytes at
+    the probe's rate. Records rows `floor_interleaved` and `forward_interleaved` (ms over the rounds)
+    and returns the median of the rounds' ratios."""
+    device = runtime.device
+    nbytes, _ = forward_cost(runtime, 1, context)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    data = torch.ones(stream_bytes // 4, dtype=torch.float32, device=device)
+    matrix, vector = (data.view(-1, 1024).numpy(), np.ones(1024, dtype=np.float32)) if device.type == "cpu" else (None, None)
+    floors, forwards = [], []
+    for _ in range(rounds):
+        with _all_threads():
+            read = timed(lambda: data.sum(), device, 3)[0]
+            if matrix is not None:
+                read = min(read, timed(lambda: matrix @ vector, device, 3)[0])
+        floors.append(nbytes / stream_bytes * read)
+        forwards.append(timed(lambda: runtime.forward(token, cache, context), device, 3)[0])
+    del data
+    record("floor_interleaved", 1, context, min(floors), statistics.median(floors))
+    record("forward_interleaved", 1, context, min(forwards), statistics.median(forwards))
+    ratio = statistics.median(f / b for f, b in zip(forwards, floors))
+    print(f"[profile] one-token forward / floor, interleaved over {rounds} rounds: median {ratio:.2f}", file=sys.stderr)
+    return round(ratio, 3)
+
+
 def floor_ms(runtime, k: int, context: int, bandwidth: float, peak: float) -> float:
     nbytes, flops = forward_cost(runtime, k, context)
     return 1000 * max(nbytes / bandwidth, flops / peak)
@@ -177,6 +210,7 @@ def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repea
         for k in k_values:
             tokens = torch.randint(0, vocab, (1, k), generator=generator).to(device)
             add("forward", k, context, lambda: runtime.forward(tokens, cache, context))
+    ratio = interleaved_floor_ratio(runtime, cache, contexts[0], record)
     path = runtime.matmul
     if paired and paired != path and device.type == "cpu":  # the same forwards on another path, same process
         runtime.set_matmul(paired)
@@ -200,6 +234,7 @@ def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repea
     summary = {"device": device.type, "dtype": str(runtime.dtype).removeprefix("torch."),
                "matmul": getattr(runtime, "matmul", None), "bandwidth_bytes_per_s": bandwidth,
                "peak_flops_per_s": peak, "k_values": list(k_values), "contexts": list(contexts),
+               "forward_over_floor_interleaved": ratio,
                "forward_bytes": {str(k): forward_cost(runtime, k, contexts[0])[0] for k in k_values},
                "forward_flops": {str(k): forward_cost(runtime, k, contexts[0])[1] for k in k_values}}
     return rows, summary

@@ -8,8 +8,8 @@ the library, so each linear layer can route its products through one of three pa
   the layers' weights being views of it, and make one product;
 - "blas": numpy/OpenBLAS on contiguous transposed copies of the weights (q/k/v and gate/up side by
   side in one array), sharing the result with torch at no cost;
-- "kernel": the harness's skinny AVX2 product (methods/kernels.py) on the torch weights in place,
-  k-row products bit-identical to k one-row ones.
+- "kernel": the harness's skinny product (methods/kernels.py) on a packed copy of the weights
+  (q/k/v and gate/up side by side), k-row products bit-identical to k one-row ones.
 
 `pick_matmul_path` chooses one for a model (`auto`: the fastest for the rows it will multiply).
 """
@@ -39,9 +39,9 @@ class Linear(nn.Linear):
     - "blas": a contiguous transposed copy of the weight as a numpy array, multiplied through
       numpy/OpenBLAS (2-3x faster than torch's product for the skinny shapes of decoding on some
       CPUs); torch.from_numpy shares the result at no cost.
-    - "kernel": up to 32 rows through methods/kernels.py's skinny product on the torch weight
-      itself (no copy; a k-row product is bit-identical to k 1-row ones); more rows (a prefill)
-      through OpenBLAS's GEMM on the same array.
+    - "kernel": up to 32 rows through methods/kernels.py's skinny product on a packed copy of the
+      weight (a k-row product is bit-identical to k 1-row ones); more rows (a prefill) through
+      OpenBLAS's GEMM on the torch weight.
     The torch weight stays (the transformers model shares it). Tensors that need gradients, or
     live on a GPU, always take the torch path."""
 
@@ -49,14 +49,18 @@ class Linear(nn.Linear):
     host_weight: np.ndarray | None = None
     _product: kernels.Product | None = None
 
-    def use_path(self, path: str) -> None:
-        """Route this layer's products through `path` ("torch", "blas" or "kernel")."""
+    def use_path(self, path: str, eager: bool = True) -> None:
+        """Route this layer's products through `path` ("torch", "blas" or "kernel"). On the kernel
+        path the weight is packed now, or (`eager=False`, for a layer whose products usually go
+        through its FusedProjections module) on its first product."""
         self._product = None
         if path == "blas":
             if self.host_path != "blas":
                 self.host_weight = np.ascontiguousarray(self.weight.detach().cpu().numpy().T)
         elif path == "kernel" and kernels.accepts(self.weight):
             self.host_weight = None
+            if eager:
+                self._product = kernels.Product(self.weight.detach())
         else:
             path, self.host_weight = "torch", None
         self.host_path = None if path == "torch" else path
@@ -68,8 +72,10 @@ class Linear(nn.Linear):
         if self.host_path == "blas":
             out = torch.from_numpy(np.matmul(flat.numpy(), self.host_weight))
         elif flat.shape[0] <= KERNEL_MAX_ROWS:
-            self._product = _current_product(self._product, [self])
-            out = self._product(flat)
+            product = _current_product(self._product, [self])
+            if product is not self._product:
+                self._product = product
+            out = product(flat)
         else:
             out = torch.from_numpy(np.matmul(flat.numpy(), self.weight.detach().numpy().T))
         out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
@@ -77,10 +83,11 @@ class Linear(nn.Linear):
 
 
 def _current_product(product: kernels.Product | None, linears: list[Linear]) -> kernels.Product:
-    """`product` if it still multiplies by these layers' weights, else a new one (a weight whose
-    storage was replaced since, e.g. by `module.weight.data = ...`, is picked up)."""
-    if product is None or any(w.data_ptr() != l.weight.data_ptr() for w, l in zip(product.weights, linears)):
-        product = kernels.Product(*(linear.weight.detach() for linear in linears))
+    """`product` if it still multiplies by these layers' weights as they are, else a new one (a weight
+    replaced since, e.g. by `module.weight.data = ...`, or changed in place, is packed again)."""
+    weights = [linear.weight for linear in linears]
+    if product is None or not product.is_current(weights):
+        product = kernels.Product(*(weight.detach() for weight in weights))
     return product
 
 
@@ -152,20 +159,23 @@ class FusedProjections(nn.Module):
         linears = self._linears()
         self.fused_weight = self.fused_bias = self._product = self.fused_path = None
         for linear in linears:
-            linear.use_path("torch" if path == "blas" else path)
+            linear.use_path("torch" if path == "blas" else path, eager=False)
         if path == "blas":
             self.fused_weight = np.ascontiguousarray(
                 np.concatenate([linear.weight.detach().cpu().numpy().T for linear in linears], axis=1))
         elif not (path == "kernel" and all(linear.host_path == "kernel" for linear in linears)):
             return
+        else:
+            self._product = kernels.Product(*(linear.weight.detach() for linear in linears))
         self.fused_path = path
         biases = [linear.bias for linear in linears]
         if any(b is not None for b in biases):
             self.fused_bias = torch.cat([b.detach() if b is not None else torch.zeros(l.out_features, dtype=l.weight.dtype)
                                          for b, l in zip(biases, linears)])
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each fused layer applied to x [..., in]."""
+    def project(self, x: torch.Tensor, joint: bool = False) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """Each fused layer applied to x [..., in]; with `joint`, their outputs side by side in one
+        contiguous tensor [..., sum of out]."""
         linears = self._linears()
         weights = [linear.weight for linear in linears]
         flat = x.reshape(-1, x.shape[-1])
@@ -173,41 +183,51 @@ class FusedProjections(nn.Module):
                 or (self.fused_path == "kernel" and flat.shape[0] > KERNEL_MAX_ROWS)):
             if self.torch_weight is None or _needs_grad(x, weights) or \
                     self._torch_pointers != tuple(w.data_ptr() for w in weights):  # weights replaced since
-                return tuple(linear(x) for linear in linears)
+                outs = tuple(linear(x) for linear in linears)
+                return torch.cat(outs, dim=-1) if joint else outs
             out = F.linear(x, self.torch_weight, self.torch_bias)
         else:
             if self.fused_path == "blas":
                 out = torch.from_numpy(np.matmul(flat.numpy(), self.fused_weight))
             else:
-                self._product = _current_product(self._product, linears)
-                out = self._product(flat)
+                product = _current_product(self._product, linears)
+                if product is not self._product:
+                    self._product = product
+                out = product(flat)
             out = out.view(*x.shape[:-1], out.shape[-1])
             if self.fused_bias is not None:
                 out = out + self.fused_bias
+        if joint:
+            return out
         return out.split([linear.out_features for linear in linears], dim=-1)
 
 
 def set_matmul_path(root: nn.Module, path: str) -> None:
     """Route every linear layer under `root` through `path` ("torch", "blas" or "kernel"); on the
-    BLAS path the q/k/v and gate/up products are fused."""
+    BLAS path the q/k/v and gate/up products are fused. Other modules with a `use_path` method (the
+    runtime's norms, which the kernel path fuses) are told too."""
     for module in root.modules():
         if isinstance(module, Linear):
             module.use_path(path)
     for module in root.modules():
         if isinstance(module, FusedProjections):
             module.use_path(path)
+    for module in root.modules():
+        if not isinstance(module, (Linear, FusedProjections)) and callable(getattr(module, "use_path", None)):
+            module.use_path(path)
 
 
 def module_bytes(module: nn.Module) -> int:
     """Memory a module holds: its distinct parameter storage, plus the host copies of its weights
-    that a CPU product path made (BLAS's transposed weights)."""
+    that a CPU product path made (BLAS's transposed weights, the kernel's packed ones)."""
     seen, total = set(), 0
     for parameter in module.parameters():
         if parameter.data_ptr() not in seen:
             seen.add(parameter.data_ptr())
             total += parameter.numel() * parameter.element_size()
     for child in module.modules():
-        for copy in (getattr(child, "host_weight", None), getattr(child, "fused_weight", None)):
+        for copy in (getattr(child, "host_weight", None), getattr(child, "fused_weight", None),
+                     getattr(child, "_product", None)):
             if copy is not None:
                 total += copy.nbytes
     return total
@@ -215,12 +235,11 @@ def module_bytes(module: nn.Module) -> int:
 
 def pick_matmul_path(model, requested: str = "auto", rows: int = 1) -> str:
     """The matrix-product path for this model on this machine: `requested`, or for "auto": torch
-    on a GPU, else the CPU path on which a product of `rows` rows by the LM head (the largest
-    weight) is fastest, among kernel (where it compiles and the model is float32), torch and BLAS.
-    One row is the autoregressive baseline's step: the baseline runs at its fastest, so that no
-    method's speedup is inflated by a baseline slowed for the methods' sake (batched generation
-    asks for its batch). The paths are timed in turn, three rounds, each path's best time counted.
-    Sets the path on the model and returns it."""
+    on a GPU, else the CPU path whose forward over one new token (`rows` sequences side by side, for
+    batched generation) after a short prefix is fastest, among torch, BLAS and the kernel (where it
+    compiles and the model is float32). The autoregressive baseline runs at its fastest, so that no
+    method's speedup is inflated by a baseline slowed for the methods' sake. Each path is set in turn,
+    two rounds, each path's best time counted. Sets the path on the model and returns it."""
     if requested != "auto":
         path = requested
     elif model.device.type != "cpu":
@@ -231,27 +250,32 @@ def pick_matmul_path(model, requested: str = "auto", rows: int = 1) -> str:
     return path
 
 
-def _fastest_path(model, rows: int) -> str:
-    weight = model.lm_head.weight.detach()
-    x = torch.randn(rows, model.config.hidden_size, dtype=model.dtype)
-    products = {"torch": lambda: F.linear(x, weight)}
-    if weight.dtype == torch.float32 or weight.dtype == torch.float64:
-        transposed = np.ascontiguousarray(weight.numpy().T)
-        products["blas"] = lambda: np.matmul(x.numpy(), transposed)
-    if model.dtype == torch.float32 and kernels.load() is not None and kernels.accepts(weight):
-        product = kernels.Product(weight)
-        products["kernel"] = lambda: product(x)
-    best = dict.fromkeys(products, math.inf)
-    threads = torch.get_num_threads()
-    try:
-        with torch.inference_mode():
-            for _ in range(3):
-                for path, multiply in products.items():
-                    set_torch_threads(path)
-                    for _ in range(3):
-                        started = time.perf_counter()
-                        multiply()
-                        best[path] = min(best[path], time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
+def candidate_paths(model) -> list[str]:
+    """The CPU product paths this model can take here."""
+    paths = ["torch"]
+    if model.dtype in (torch.float32, torch.float64):
+        paths.append("blas")
+    if model.dtype == torch.float32 and kernels.load() is not None:
+        paths.append("kernel")
+    return paths
+
+
+def _fastest_path(model, rows: int, prefix: int = 8, rounds: int = 2, repeats: int = 3) -> str:
+    """The path with the fastest one-token forward (see pick_matmul_path)."""
+    candidates = candidate_paths(model)
+    if len(candidates) == 1:
+        return candidates[0]
+    best = dict.fromkeys(candidates, math.inf)
+    tokens = torch.zeros(rows, prefix + 1, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for path in candidates:
+                model.set_matmul(path)
+                cache = model.new_cache(prefix + 1, batch=rows)
+                model.forward(tokens[:, :prefix], cache, 0, last_only=True)
+                model.forward(tokens[:, prefix:], cache, prefix)  # warm-up
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    model.forward(tokens[:, prefix:], cache, prefix)
+                    best[path] = min(best[path], time.perf_counter() - started)
     return min(best, key=best.get)

@@ -80,8 +80,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
         self.eps = eps
         self.plus_one = plus_one
+        self.fused = False  # on the kernel path: one call of the kernel library (kernels.rms_norm)
+
+    def use_path(self, path: str) -> None:
+        """On the `kernel` matmul path, norms without autograd run as one fused call."""
+        self.fused = path == "kernel" and kernels.load() is not None
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return (self.fused and not torch.is_grad_enabled() and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous())
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), in one call where the norm is fused."""
+        if self._fusable(x) and residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous():
+            return kernels.rms_norm(x, self._scale(), self.eps, residual)
+        return residual + self(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            return kernels.rms_norm(x, self._scale(), self.eps)
         # In float32 without weight gradients, the same numbers in fewer operations (decoding runs
         # over a hundred norms a step): no casts, and Gemma's 1 + w computed once per weight version.
         fast = x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not (
@@ -338,9 +355,9 @@ class Transformer(nn.Module):
         if not hasattr(layer, "mlp"):
             return hidden + attended
         if gemma:
-            hidden = hidden + layer.post_attention_layernorm(attended)
+            hidden = layer.post_attention_layernorm.add_to(hidden, attended)
             mlp_out = self.mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden))
-            return hidden + layer.post_feedforward_layernorm(mlp_out)
+            return layer.post_feedforward_layernorm.add_to(hidden, mlp_out)
         hidden = hidden + attended
         return hidden + self.mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
@@ -349,25 +366,44 @@ class Transformer(nn.Module):
         gate = F.gelu(gate, approximate="tanh") if self.config.hidden_act == "gelu_tanh" else F.silu(gate)
         return mlp.down_proj(gate * up)
 
+    def _fused_ops(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the layer's small operations as fused calls (kernel path,
+        float32 on the CPU, no autograd)."""
+        return (self.matmul == "kernel" and not torch.is_grad_enabled() and x.dtype == torch.float32
+                and x.device.type == "cpu" and kernels.load() is not None)
+
     def attention(self, attn: Attention, x: torch.Tensor, context: "AttentionContext",
                   cache_layer: int, sliding: bool) -> torch.Tensor:
         cfg, cache = self.config, context.cache
         B, T, _ = x.shape
-        q, k, v = attn.project(x)
-        q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, nh, T, hd]
-        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        if cfg.gemma:
-            q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = context.rope(sliding, x.device)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        fused = self._fused_ops(x)
+        if fused:  # one call per q and k: heads out of the projection, normed, rotated
+            joint = attn.project(x, joint=True)  # [B, T, (nh + 2 nkv) hd]
+            norms = (attn.q_norm, attn.k_norm) if cfg.gemma else (None, None)
+            q, k = (kernels.heads_norm_rope(joint, first, heads, cfg.head_dim, cos, sin,
+                                            None if norm is None else norm._scale(), norm.eps if norm else 0.0)
+                    for first, heads, norm in ((0, cfg.num_heads, norms[0]), (cfg.num_heads, cfg.num_kv_heads, norms[1])))
+            v = joint[..., (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim:]
+            v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        else:
+            q, k, v = attn.project(x)
+            q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, nh, T, hd]
+            k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
+            v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            if cfg.gemma:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         end = context.start + T
         layer_keys, layer_values = cache.k[cache_layer], cache.v[cache_layer]  # [B, nkv, max_len, hd]
         layer_keys[:, :, context.start:end] = k
         layer_values[:, :, context.start:end] = v
         low, mask = context.mask(sliding, x.device)
         keys, values = layer_keys[:, :, low:end], layer_values[:, :, low:end]  # [B, nkv, L, hd]
+        if fused and not cfg.attn_logit_softcapping and T <= SMALL_ATTENTION_QUERIES and not isinstance(mask, str) \
+                and layer_keys.is_contiguous() and (mask is None or (mask.is_contiguous() and mask.dtype == torch.float32)):
+            return attn.o_proj(kernels.attention(q, layer_keys, layer_values, low, end, mask, cfg.attention_scale))
         if cfg.attn_logit_softcapping:
             out = _softcapped_attention(q, keys, values, mask, cfg.attention_scale, cfg.attn_logit_softcapping)
         elif x.device.type == "cpu" and T <= SMALL_ATTENTION_QUERIES and not isinstance(mask, str):
