@@ -122,7 +122,7 @@ gpu-check:
 	$(PYTHON_SYSTEM) -m bench gpu-check $(if $(filter cpu,$(DEVICE)),--device cpu) $(if $(OUT),--out $(OUT))
 
 train: $(STAMP)
-	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo or METHOD=medusa"; exit 2; }
+	@test -n "$(METHOD)" || { echo "make train needs METHOD=kangaroo, METHOD=medusa or METHOD=eagle2"; exit 2; }
 	$(PY) -m bench train --model $(MODEL) --method $(METHOD) --minutes $(TRAIN_MINUTES)
 
 constraints: $(STAMP)

@@ -219,7 +219,7 @@ def resolve_options(method: type[Method], given: dict[str, Any]) -> dict[str, An
 
 _REGISTRY: dict[str, type[Method]] = {}
 _BUILTIN_MODULES = ("methods.vanilla", "methods.hf_generate", "methods.pld", "methods.kangaroo",
-                    "methods.medusa")
+                    "methods.medusa", "methods.eagle")
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

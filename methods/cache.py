@@ -102,8 +102,11 @@ class AttentionContext:
         key_slots = torch.arange(low, end, device=device)  # [L]
         if self.tree_mask is None:
             visible = key_slots[None, :] <= torch.arange(start, end, device=device)[:, None]  # [T, L]
-        else:
-            prefix = torch.ones(T, start - low, dtype=torch.bool, device=device)
+        else:  # tree_mask [T, E + T] covers the last E + T slots (E > 0: earlier draft nodes, not all visible)
+            extra = self.tree_mask.shape[1] - T
+            if extra < 0 or start - extra < low:
+                raise ValueError(f"tree mask {tuple(self.tree_mask.shape)} does not fit {T} new tokens at slot {start}")
+            prefix = torch.ones(T, start - extra - low, dtype=torch.bool, device=device)
             visible = torch.cat((prefix, self.tree_mask.to(device=device, dtype=torch.bool)), dim=1)
         if window:
             key_positions = self.cache.positions[low:end]

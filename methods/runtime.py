@@ -317,7 +317,8 @@ class Transformer(nn.Module):
         """Run `layers` (default: all) over `hidden` [B, T, H], whose tokens go to cache slots
         [start, start + T). `positions` [T] are their RoPE positions (default: the slots). Each
         token sees the prefix slots [0, start) and, among the new ones, the earlier tokens
-        (causal) or those `tree_mask` [T, T] allows. Returns hidden [B, T, H]."""
+        (causal) or those `tree_mask` [T, T] allows; a `tree_mask` [T, E + T] also decides which of
+        the E slots before `start` each sees (earlier draft-tree nodes). Returns hidden [B, T, H]."""
         T = hidden.shape[1]
         if positions is None:
             positions = torch.arange(start, start + T, device=hidden.device)

@@ -76,7 +76,8 @@ def test_other_settings_in_the_same_folder_are_refused(conversations, questions_
     assert "other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, options", [("kangaroo", ["exit_layer=1"]), ("medusa", ["num_heads=2"])])
+@pytest.mark.parametrize("method, options", [("kangaroo", ["exit_layer=1"]), ("medusa", ["num_heads=2"]),
+                                             ("eagle2", ["token_weight=0.1"])])
 def test_train_on_distilled_answers_through_the_method_hook(method, options, tmp_path, monkeypatch):
     """`bench train --data DIR`: the method's own `train` hook on the model's answers, a loadable checkpoint."""
     from bench import training

@@ -166,7 +166,7 @@ def power(statistic: float, df: int, alpha: float = 1e-3) -> float:
 SAMPLES = 1200
 PROMPT = [1, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7]  # every token recurs: prompt lookup always drafts
 VARIANTS = [("vanilla", {}), ("hf-generate", {}), ("pld", {}), ("kangaroo", {"threshold": 0.0, "steps": 2}),
-            ("medusa", {"tree": "small_7"})]
+            ("medusa", {"tree": "small_7"}), ("eagle2", {"depth": 2, "top_k": 2, "total_tokens": 5})]
 
 
 def sample_first_two(runtime, name: str, options: dict, temperature: float, samples: int = SAMPLES) -> torch.Tensor:

@@ -1,0 +1,352 @@
+"""EAGLE-2: a one-layer feature drafter that grows a dynamic draft tree (Li et al. 2024).
+
+The drafter reads the target's top-layer feature of token t (its final-normed hidden state, what
+the LM head reads) and the embedding of token t + 1, concatenated, through one projection (2h -> h,
+with bias), then one decoder layer of the target's kind without its input norm (as the published
+EAGLE weights), and predicts the feature of token t + 1, which the target's LM head scores for
+token t + 2. It keeps its own KV cache, one entry per committed position, and runs
+autoregressively on its own predicted features while drafting.
+
+Each step grows a tree from the pending token: the drafter's top-k tokens at depth 1; then, for
+depth 2..`depth`, the top-k nodes of the previous depth by cumulative draft log-probability (the
+sum along the path) are expanded in one drafter forward each, with a tree mask over their
+ancestors, into top-k children each. Of all the nodes grown, the `total_tokens` - 1 best by
+cumulative log-probability form the tree one target forward verifies (a node's ancestors score at
+least as high as it does, so the set is closed under ancestors). The accepted path and the
+target's token after it are committed; the drafter then catches up on the target's features of the
+accepted tokens in one forward, whose last output starts the next tree. Verification is the shared
+tree rule (methods/core.py), so decoding is lossless whatever the drafter proposes, greedy or at
+temperature > 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods import Generation, Option, Sampling, checkpoints, core, register
+from methods.cache import AttentionContext
+from methods.drafter import Drafter
+from methods.products import Linear, set_matmul_path
+from methods.runtime import DecoderLayer, Transformer
+from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
+                           teacher_distribution, token_batches, train_loop)
+from methods.tree import Tree
+
+VICUNA_DEFAULTS = {"depth": 6, "top_k": 10, "total_tokens": 60, "draft_vocab": 0}  # the EAGLE-2 paper's
+CPU_DEFAULTS = {"depth": 4, "top_k": 4, "total_tokens": 16, "draft_vocab": 32768}  # at most 16 verified tokens
+
+
+class EagleDrafter(nn.Module):
+    """fc (2h -> h, bias) and one decoder layer of the target's kind whose input norm is the
+    identity. Parameter names follow the published EAGLE files (`fc.weight`, `fc.bias`,
+    `layers.0.self_attn.q_proj.weight`, ...; no `layers.0.input_layernorm.weight`)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        hidden = model.config.hidden_size
+        self.fc = Linear(2 * hidden, hidden, bias=True)
+        layer = DecoderLayer(model.config)
+        layer.input_layernorm = nn.Identity()
+        self.layers = nn.ModuleList([layer])
+
+
+def random_drafter(model: Transformer) -> EagleDrafter:
+    """A seeded random drafter (the tiny test models): the layer starts as the target's last one."""
+    torch.manual_seed(0)
+    drafter = EagleDrafter(model)
+    nn.init.normal_(drafter.fc.weight, std=0.02)
+    nn.init.zeros_(drafter.fc.bias)
+    last = model.layers[-1].state_dict()
+    drafter.layers[0].load_state_dict({k: v for k, v in last.items() if not k.startswith("input_layernorm")},
+                                      strict=True)
+    return drafter.to(device=model.device, dtype=model.dtype)
+
+
+def drafter_forward(model: Transformer, drafter: EagleDrafter, features: torch.Tensor, tokens: torch.Tensor, cache,
+                    start: int, positions: torch.Tensor | None = None,
+                    tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The drafter over (feature of token t, token t + 1) pairs: features [1, T, H], tokens [1, T],
+    written at slots [start, start + T) of its one-layer cache (global RoPE, no sliding window).
+    Returns the predicted features [1, T, H]."""
+    T = tokens.shape[1]
+    if positions is None:
+        positions = torch.arange(start, start + T, device=tokens.device)
+    cache.positions[start:start + T] = positions
+    x = drafter.fc(torch.cat((features.to(model.dtype), model.embed(tokens)), dim=-1))
+    context = AttentionContext(model, cache, start, T, positions, tree_mask, x.dtype)
+    return model.layer_forward(drafter.layers[0], x, context, 0, sliding=False)
+
+
+def load_drafter(folder, model: Transformer) -> tuple[EagleDrafter, dict]:
+    """Our checkpoint (model.safetensors, the names of EagleDrafter); every key must be present,
+    expected and of the right shape."""
+    config = checkpoints.read_config(folder)
+    state = checkpoints.read_tensors(folder, "pytorch_model.bin")
+    drafter = EagleDrafter(model).to(device=model.device, dtype=model.dtype)
+    checkpoints.check_shapes(state, {k: tuple(v.shape) for k, v in drafter.state_dict().items()}, folder)
+    drafter.load_state_dict(state, strict=True)
+    return drafter, config
+
+
+@register("eagle2")
+class Eagle2(Drafter):
+    description = "EAGLE-2: one-layer feature drafter, dynamic draft tree, tree verification"
+    options = {
+        "drafter": Option(str, None, "checkpoint folder; default: the committed one"),
+        "depth": Option(int, None, "draft tree depth (default: the checkpoint's, else 6 on Vicuna, 4 elsewhere)"),
+        "top_k": Option(int, None, "children per expanded node and nodes expanded per depth (default: "
+                                   "the checkpoint's, else 10 on Vicuna, 4 elsewhere)"),
+        "total_tokens": Option(int, None, "tokens one verification scores, the pending one included (default: "
+                                          "the checkpoint's, else 60 on Vicuna, 16 elsewhere)"),
+        "draft_vocab": Option(int, None, "the drafter scores the N most frequent tokens only (default: the "
+                                         "checkpoint's, else 0 on Vicuna, 32768 elsewhere)"),
+    }
+    checkpoint_option = "drafter"
+    # Not checked by the planted-bug suite: its best nodes come first in the tree, so an accepted
+    # path is usually nodes 1..a, and a verification that writes one KV slot too late then leaves
+    # behind exactly the entry the next step reads (the peaked tiny Gemma3 decodes 8 prompts in 10
+    # identically under that bug). Its verification is the shared tree code that Medusa's planted
+    # bugs do exercise.
+    verifies_every_step = None
+    missing_hint = "Pass --method-args eagle2:drafter=PATH, or train one with `make train MODEL={model} METHOD=eagle2`."
+
+    def __init__(self, model: Transformer, **options):
+        super().__init__(model, **options)
+        if self.folder is not None:
+            self.drafter, _ = load_drafter(self.folder, model)
+        else:
+            self.drafter = random_drafter(model)
+        defaults = VICUNA_DEFAULTS if (model.alias or "").startswith("vicuna") else CPU_DEFAULTS
+        for key, value in defaults.items():
+            self.recommend(key, value)
+        for key in ("depth", "top_k"):
+            if self.settings[key] < 1:
+                raise ValueError(f"eagle2: {key} must be at least 1, not {self.settings[key]}")
+        if self.settings["total_tokens"] < 2:
+            raise ValueError(f"eagle2: total_tokens must be at least 2 (the pending token and one draft), "
+                             f"not {self.settings['total_tokens']}")
+        self.drafter.requires_grad_(False).eval()
+        set_matmul_path(self.drafter, model.matmul)
+        self.use_draft_vocab(self.settings["draft_vocab"])
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.drafter]
+
+    # ---- the drafter --------------------------------------------------------------------------
+    def draft_forward(self, features: torch.Tensor, tokens: torch.Tensor, cache, start: int,
+                      positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """drafter_forward with this method's drafter."""
+        return drafter_forward(self.model, self.drafter, features, tokens, cache, start, positions, tree_mask)
+
+    def candidates(self, outputs: torch.Tensor, paths: list[tuple[int, ...]],
+                   produced: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k next tokens and their draft log-probabilities [n, top_k] after each of n nodes
+        whose predicted features are `outputs` [n, H]; `paths` are the nodes' draft tokens after the
+        pending one and `produced` the tokens committed so far (tests override this to feed oracle
+        drafts)."""
+        logits = self.head(outputs[None])[0].float()  # [n, V']
+        cap = self.model.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        scores, index = torch.log_softmax(logits, dim=-1).topk(self.settings["top_k"], dim=-1)
+        return (index if self.head_ids is None else self.head_ids[index]), scores
+
+    def grow(self, root: torch.Tensor, pending: int, start: int, cache, produced: int) -> tuple[Tree, torch.Tensor]:
+        """The draft tree after the pending token: `root` [1, 1, H] the drafter's prediction of the
+        pending token's feature, `start` the slot of the pending token (the drafter's cache holds
+        [0, start)). Returns (the tree, its nodes' tokens [n], node 0 the pending token)."""
+        depth, top_k, total = self.settings["depth"], self.settings["top_k"], self.settings["total_tokens"]
+        tokens, scores = self.candidates(root[0], [()], produced)
+        token_list, score_list = core.read_back(torch.cat((tokens.float(), scores)).view(2, -1), purpose="draft")
+        # every grown node: token, parent node (-1: the pending token), cumulative score, depth, path
+        grown = [(int(t), -1, s, 1, (int(t),)) for t, s in zip(token_list, score_list)]
+        frontier = list(range(len(grown)))
+        expanded: list[int] = []  # nodes whose drafter entries are in the cache, in slot order
+        outputs: dict[int, torch.Tensor] = {-1: root[0, 0]}
+        for level in range(2, depth + 1):
+            chosen = sorted(frontier, key=lambda node: -grown[node][2])[:top_k]
+            slot_of = {node: i for i, node in enumerate(expanded)}
+            block = len(expanded)
+            mask = torch.zeros(len(chosen), block + len(chosen), dtype=torch.bool)
+            for row, node in enumerate(chosen):
+                mask[row, block + row] = True
+                parent = grown[node][1]
+                while parent >= 0:
+                    mask[row, slot_of[parent]] = True
+                    parent = grown[parent][1]
+            features = torch.stack([outputs[grown[node][1]] for node in chosen])[None]  # [1, k, H]
+            node_tokens = torch.tensor([[grown[node][0] for node in chosen]], device=root.device)
+            positions = torch.full((len(chosen),), start + level - 2, device=root.device)
+            out = self.draft_forward(features, node_tokens, cache, start + block, positions,
+                                     mask.to(root.device))[0]  # [k, H]
+            for row, node in enumerate(chosen):
+                outputs[node] = out[row]
+            expanded += chosen
+            tokens, scores = self.candidates(out, [grown[node][4] for node in chosen], produced)
+            token_rows, score_rows = core.read_back(torch.stack((tokens.float(), scores)), purpose="draft")
+            frontier = []
+            for row, node in enumerate(chosen):
+                for token, score in zip(token_rows[row], score_rows[row]):
+                    frontier.append(len(grown))
+                    grown.append((int(token), node, grown[node][2] + score, level, grown[node][4] + (int(token),)))
+        # the best total - 1 nodes (ties: shallower first, so a parent precedes its child)
+        ranked = sorted(range(len(grown)), key=lambda node: (-grown[node][2], grown[node][3]))[:total - 1]
+        kept = sorted(ranked, key=lambda node: (grown[node][3], -grown[node][2]))  # parents before children
+        index = {node: i + 1 for i, node in enumerate(kept)}
+        parents = [-1] + [0 if grown[node][1] < 0 else index[grown[node][1]] for node in kept]
+        sibling_rank: dict[int, int] = {}
+        rank = [0]
+        for node in kept:
+            parent = parents[index[node]]
+            rank.append(sibling_rank.get(parent, 0))
+            sibling_rank[parent] = rank[-1] + 1
+        tree = Tree.from_parents(parents, rank, root.device)
+        nodes = torch.tensor([pending] + [grown[node][0] for node in kept], device=root.device)
+        return tree, nodes
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                 sampling: Sampling | None = None) -> Generation:
+        model = self.model
+        depth, top_k, total = self.settings["depth"], self.settings["top_k"], self.settings["total_tokens"]
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device, self.acceptance(sampling))
+        needed = len(prompt_ids) + max_new_tokens + total + 1
+        cache = self.cache(needed)
+        draft_cache = self.draft_cache("drafter", needed + depth * top_k, num_layers=1)
+        prompt = core.prompt_tensor(prompt_ids, model.device)
+        hidden = model.forward_layers(model.embed(prompt), cache, 0)  # [1, P, H]
+        features = model.norm(hidden)  # the target's features of the prompt tokens
+        (pending,) = [core.commit_first(state, model.logits(hidden[:, -1:])[0, -1])]
+        # the drafter's entries for (feature t, token t + 1), t = 0 .. P - 1: the last pairs the pending token
+        root = self.draft_forward(features, torch.cat((prompt[:, 1:], state.pending), dim=1), draft_cache, 0)[:, -1:]
+        while not state.done:
+            start = state.length
+            tree, nodes = self.grow(root, pending, start, draft_cache, len(state.new_ids))
+            hidden = model.forward_layers(model.embed(nodes[None]), cache, start,
+                                          positions=tree.positions(start), tree_mask=tree.mask)  # [1, n, H]
+            normed = model.norm(hidden[0])  # [n, H] the target's features of the nodes
+            path, accepted = core.verify_tree(state, tree, model.logits(hidden)[0], nodes, cache)
+            if state.done:
+                break
+            # the drafter catches up on the accepted nodes' target features, paired with the next tokens
+            accepted_path = path[:accepted + 1]
+            next_tokens = torch.cat((nodes[path[1:accepted + 1]], state.pending.view(1)))[None]
+            root = self.draft_forward(normed[accepted_path][None], next_tokens, draft_cache, start)[:, -1:]
+            (pending,) = state.new_ids[-1:]
+        return state.result()
+
+    # ---- training ------------------------------------------------------------------------------
+    train_options = {"token_weight": Option(float, 0.1, "weight of the token distillation loss next to the "
+                                                        "feature regression (EAGLE: 0.1)")}
+
+    @classmethod
+    def train(cls, job: TrainingJob) -> dict:
+        """Feature regression (smooth L1 onto the target's next feature) plus token distillation
+        (-sum p log q onto the target's next distribution, over the candidate vocabulary), as the
+        EAGLE papers; a new drafter starts from the target's last layer. Evaluates held-out
+        acceptance per depth and saves the checkpoint."""
+        runtime, lr = job.runtime, job.lr or 3e-4
+        torch.manual_seed(job.seed)
+        train_set = precompute_features(runtime, job.train, None, desc="features (train)")
+        held_out = precompute_features(runtime, job.held_out, None, desc="features (held-out)")
+        previous = None
+        if job.resume is not None:
+            drafter, previous = load_drafter(job.resume, runtime)
+        else:
+            drafter = random_drafter(runtime)
+        report = train_drafter(runtime, drafter, train_set, held_out, job.ranking, job.candidates, job.minutes,
+                               job.epochs, lr, token_weight=job.options["token_weight"])
+        evaluation = evaluate_drafter(runtime, drafter, held_out, job.ranking, job.candidates)
+        objective = (f"smooth L1 onto the target's next feature + {job.options['token_weight']} x soft distillation "
+                     f"onto its next distribution over the {job.candidates} most frequent tokens")
+        return job.save("eagle2", drafter, {"draft_vocab_trained": job.candidates}, objective, report, lr,
+                        train_set.tokens, held_out.tokens, evaluation, previous,
+                        recommended={"draft_vocab": job.candidates})
+
+
+def sequence_outputs(model: Transformer, drafter: EagleDrafter, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced drafter outputs over one sequence: from (feature t, token t + 1), t = 0..T-2,
+    the predictions of features 1..T-1 [T - 1, H]."""
+    T = ids.shape[0]
+    cache = model.new_cache(T - 1, num_layers=1)
+    out = drafter_forward(model, drafter, features[:-1][None].to(model.device), ids[1:][None].to(model.device), cache, 0)
+    return out[0].float()
+
+
+def train_drafter(model: Transformer, drafter: EagleDrafter, train_set, held_out, ranking: torch.Tensor,
+                  candidates: int = 32768, minutes: float = 50, max_epochs: float = 8, lr: float = 3e-4,
+                  batch_tokens: int = 2048, token_weight: float = 0.1):
+    """The EAGLE loss at answer positions: position t (predicting feature t + 1) is trained when
+    token t + 2 is an answer token (loss_mask[t + 1])."""
+    head, _ = candidate_head(model, ranking, candidates)
+    softcap = model.config.final_logit_softcapping
+    batches = token_batches(train_set.loss_masks, batch_tokens)
+    drafter.train().requires_grad_(True)
+
+    def step_loss(batch: int):
+        losses, tokens = [], 0
+        for index in batches[batch]:
+            final, ids = train_set.final[index], train_set.ids[index]
+            mask = train_set.loss_masks[index][1:].to(model.device)
+            if final.shape[0] < 2 or not mask.any():
+                continue
+            predicted = sequence_outputs(model, drafter, final, ids)[mask]  # [m, H]
+            target = final[1:].to(model.device)[mask]
+            feature_loss = nn.functional.smooth_l1_loss(predicted, target)
+            token_loss = soft_distillation_loss(predicted, teacher_distribution(target, head, softcap), head, softcap)
+            count = int(mask.sum())
+            losses.append((feature_loss + token_weight * token_loss) * count)
+            tokens += count
+        return torch.stack(losses).sum() / max(tokens, 1), tokens
+
+    sample = held_out.first(4096)  # the training curve: held-out depth-1 top-1 agreement
+    report = train_loop(drafter, step_loss, len(batches), minutes, max_epochs, lr, desc="eagle2",
+                        evaluate=lambda: evaluate_drafter(model, drafter, sample, ranking, candidates,
+                                                          depths=1)["per_depth"][0])
+    drafter.eval().requires_grad_(False)
+    return report
+
+
+@torch.no_grad()
+def evaluate_drafter(model: Transformer, drafter: EagleDrafter, held_out, ranking: torch.Tensor,
+                     candidates: int = 32768, depths: int = 4) -> dict:
+    """Held-out acceptance per depth on the model's own answers, as decoding sees it: a chain
+    starts after position t (context: the target's features up to t), drafts token t + 2 from
+    (feature t, token t + 1), then token t + 1 + d from its own predicted feature and the target's
+    token t + d, for d = 2..`depths`; each draft is its top-1 over the candidate vocabulary, right
+    when it equals the target's greedy token. The chains of one depth run as one drafter forward
+    (each chain's node seeing the true prefix up to its start and its own earlier nodes). Returns
+    the tokens (chains started at answer positions) and, per depth d, chains right through d ÷
+    chains right through d - 1 (vLLM's per-position acceptance)."""
+    head, head_ids = candidate_head(model, ranking, candidates)
+    full_head = model.lm_head.weight.detach().float()
+    reached = [0] * (depths + 1)
+    for final, ids, mask in zip(held_out.final, held_out.ids, held_out.loss_masks):
+        T = ids.shape[0]
+        if T < 3:
+            continue
+        final, ids = final.to(model.device), ids.to(model.device)
+        greedy = (final @ full_head.T).argmax(-1)  # [T]: the target's token after each position
+        n = T - 1  # chains start after positions 0..T-2
+        chain = torch.arange(n, device=model.device)
+        starts = mask[1:].to(model.device)  # the first draft is an answer token
+        reached[0] += int(starts.sum())
+        cache = model.new_cache(n * depths, num_layers=1)
+        out = drafter_forward(model, drafter, final[:-1][None], ids[1:][None], cache, 0)[0]  # teacher-forced
+        right = starts.clone()
+        for depth in range(1, depths + 1):
+            if depth > 1:  # every chain's next node: its own feature, the target's token t + depth
+                block = n * (depth - 1)
+                visible = torch.zeros(n, block + n, dtype=torch.bool, device=model.device)
+                visible[:, :n] = chain[None, :] <= chain[:, None]  # the true prefix up to the chain's start
+                for earlier in range(2, depth + 1):  # its nodes at depths 2..depth (this one included)
+                    visible[chain, n * (earlier - 1) + chain] = True
+                tokens = greedy[(chain + depth - 1).clamp(max=T - 1)]
+                out = drafter_forward(model, drafter, out[None], tokens[None], cache, block,
+                                      positions=chain + depth - 1, tree_mask=visible)[0]
+            draft = head_ids[(out.float() @ head.T).argmax(-1)]
+            target = greedy[(chain + depth).clamp(max=T - 1)]
+            right &= (draft == target) & (chain + depth < T)
+            reached[depth] += int(right.sum())
+    per_depth = [round(reached[d + 1] / reached[d], 4) if reached[d] else 0.0 for d in range(depths)]
+    return {"tokens": reached[0], "per_depth": per_depth}

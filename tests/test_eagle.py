@@ -1,0 +1,172 @@
+"""EAGLE-2: lossless dynamic-tree decoding on tiny models of three families, exact accept lengths
+with an oracle drafter (and the target's KV entries in place), the tree's shape and options."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from methods import get
+from tests.conftest import PROMPTS, tiny
+
+SMALL = {"depth": 3, "top_k": 2, "total_tokens": 11}  # 2 + 4 + 4 grown nodes: all kept
+
+
+def eagle(runtime, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seeded random drafter of the tiny models
+        return get("eagle2")(runtime, **options)
+
+
+@pytest.mark.parametrize("options", [SMALL, {"depth": 4, "top_k": 3, "total_tokens": 8}, {}])
+def test_lossless_on_tiny_models(tiny_model, options):
+    runtime = tiny_model.runtime
+    vanilla, method = get("vanilla")(runtime), eagle(runtime, **options)
+    for prompt in PROMPTS:
+        ids = tiny_model.tokenizer.encode(prompt)
+        expected = vanilla.generate(ids, 30, tiny_model.stop_ids)
+        got = method.generate(ids, 30, tiny_model.stop_ids)
+        assert got.new_ids == expected.new_ids
+        assert sum(got.accept_lengths) == len(got.new_ids)
+
+
+def test_the_tree_is_closed_under_ancestors_and_bounded():
+    runtime = tiny("tiny-llama-random").runtime
+    method = eagle(runtime, depth=4, top_k=3, total_tokens=9)
+    sizes = []
+    original = method.grow
+
+    def grow(*args):
+        tree, nodes = original(*args)
+        sizes.append(tree.size)
+        parents = tree.parents.tolist()
+        assert parents[0] == -1 and all(0 <= p < node for node, p in enumerate(parents) if node)
+        assert nodes.shape == (tree.size,)
+        return tree, nodes
+
+    method.grow = grow
+    ids = tiny("tiny-llama-random").tokenizer.encode(PROMPTS[0])
+    method.generate(ids, 12, [])
+    assert sizes and all(size == 9 for size in sizes)  # 3 + 9 + 9 + 9 grown, the best 8 kept
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-random", "tiny-gemma3-random"])
+def test_oracle_drafter_gives_exact_accept_lengths_and_kv_in_place(name):
+    """A drafter whose candidates after a node on the reference path put the reference's next
+    token first (second, behind a wrong one, at a depth that changes with the step), and wrong
+    tokens elsewhere: every step accepts the whole depth."""
+    model = tiny(name)
+    runtime = model.runtime
+    ids = model.tokenizer.encode(PROMPTS[0])
+    reference = get("vanilla")(runtime).generate(ids, 40, []).new_ids
+    method = eagle(runtime, **SMALL)
+    steps = {"count": 0, "produced": None}
+
+    def candidates(outputs, paths, produced):
+        if produced != steps["produced"]:
+            steps["produced"] = produced
+            steps["count"] += 1
+        second_at = steps["count"] % 4  # the depth (1..3) whose right token ranks second; 0: none
+        tokens = torch.zeros(len(paths), 2, dtype=torch.long)
+        scores = torch.tensor([[-3.0, -4.0]]).repeat(len(paths), 1)
+        for row, path in enumerate(paths):
+            at = produced + len(path)
+            right = reference[at] if at < len(reference) else 0
+            wrong = (right + 1) % 200 + 4
+            tokens[row] = torch.tensor([wrong, (wrong + 1) % 200 + 4])
+            if tuple(reference[produced:at]) == path and at < len(reference):
+                if second_at == len(path) + 1:
+                    tokens[row] = torch.tensor([wrong, right])
+                    scores[row] = torch.tensor([-0.05, -0.1])
+                else:
+                    tokens[row] = torch.tensor([right, wrong])
+                    scores[row] = torch.tensor([0.0, -5.0])
+        return tokens, scores
+
+    method.candidates = candidates
+    got = method.generate(ids, 40, [])
+    assert got.new_ids == reference
+    expected, produced = [1], 1
+    while produced < len(reference):
+        accepted = min(3, len(reference) - produced - 1)
+        expected.append(accepted + 1)
+        produced += accepted + 1
+    assert got.accept_lengths == expected
+    # the target's cache holds exactly what a plain prefill of the same tokens writes
+    tokens = ids + reference[:-1]
+    cache = method.cache(len(tokens))
+    fresh = runtime.new_cache(len(tokens))
+    with torch.inference_mode():
+        runtime.forward(torch.tensor([tokens]), fresh, 0)
+    assert torch.allclose(cache.k[:, :, :, :len(tokens)], fresh.k, atol=1e-10)
+    assert torch.allclose(cache.v[:, :, :, :len(tokens)], fresh.v, atol=1e-10)
+
+
+def test_bad_options_are_refused_with_the_reason():
+    runtime = tiny("tiny-llama-random").runtime
+    with pytest.raises(ValueError, match="total_tokens must be at least 2"):
+        eagle(runtime, total_tokens=1)
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        eagle(runtime, depth=0)
+    with pytest.raises(ValueError, match="unknown option"):
+        eagle(runtime, width=3)
+
+
+def test_held_out_acceptance_per_depth_matches_drafting_chain_by_chain():
+    """evaluate_drafter runs every chain of a depth in one masked forward; drafting each chain on
+    its own (a fresh cache: the true prefix, then the drafter's own features) must agree."""
+    from methods.eagle import drafter_forward, evaluate_drafter, random_drafter, train_drafter
+    from methods.train import Sequence, precompute_features
+    runtime = tiny("tiny-llama-random").runtime
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 200, (14,), generator=generator)
+    features = precompute_features(runtime, [Sequence(ids, torch.ones(14, dtype=torch.bool))], None, desc="test")
+    drafter = random_drafter(runtime)
+    ranking = torch.arange(runtime.config.vocab_size)
+    # fitted to this very sequence, so that its chains get past depth 1 and 2
+    train_drafter(runtime, drafter, features, features, ranking, runtime.config.vocab_size, minutes=1,
+                  max_epochs=150, lr=3e-3, batch_tokens=8)
+    with torch.no_grad():
+        nn_head = runtime.lm_head.weight.detach().float()
+        final = features.final[0]
+        greedy = (final @ nn_head.T).argmax(-1)
+        depths, T = 3, ids.shape[0]
+        reached = [0] * (depths + 1)
+        for t in range(T - 1):
+            reached[0] += 1
+            cache = runtime.new_cache(T + depths, num_layers=1)
+            out = drafter_forward(runtime, drafter, final[:t + 1][None], ids[1:t + 2][None], cache, 0)[:, -1:]
+            for depth in range(1, depths + 1):
+                if depth > 1:
+                    token = greedy[min(t + depth - 1, T - 1)].view(1, 1)
+                    out = drafter_forward(runtime, drafter, out, token, cache, t + depth - 1)
+                draft = (out[0, 0].float() @ nn_head.T).argmax()
+                if t + depth >= T or draft != greedy[t + depth]:
+                    break
+                reached[depth] += 1
+    expected = [round(reached[d + 1] / reached[d], 4) if reached[d] else 0.0 for d in range(depths)]
+    result = evaluate_drafter(runtime, drafter, features, ranking, runtime.config.vocab_size, depths=depths)
+    assert result["tokens"] == T - 1 and result["per_depth"] == expected
+    assert expected[0] > 0.5 and expected[1] > 0  # the chains reach depth 2
+
+
+def test_a_checkpoint_with_a_missing_or_misshapen_tensor_is_refused(tmp_path):
+    from methods import checkpoints
+    from methods.eagle import random_drafter
+    runtime = tiny("tiny-llama-random").runtime
+    state = random_drafter(runtime).state_dict()
+    assert "fc.bias" in state and not any(k.startswith("layers.0.input_layernorm") for k in state)
+    checkpoints.save(tmp_path / "good", state, {"method": "eagle2"})
+    ids = tiny("tiny-llama-random").tokenizer.encode(PROMPTS[0])
+    method = eagle(runtime, drafter=str(tmp_path / "good"), **SMALL)
+    assert method.generate(ids, 16, []).new_ids == get("vanilla")(runtime).generate(ids, 16, []).new_ids
+    broken = dict(state)
+    del broken["fc.bias"]
+    checkpoints.save(tmp_path / "missing", broken, {"method": "eagle2"})
+    with pytest.raises(ValueError, match="fc.bias"):
+        eagle(runtime, drafter=str(tmp_path / "missing"))
+    broken = dict(state, **{"fc.weight": state["fc.weight"][:, :-1]})
+    checkpoints.save(tmp_path / "misshapen", broken, {"method": "eagle2"})
+    with pytest.raises(ValueError, match="fc.weight"):
+        eagle(runtime, drafter=str(tmp_path / "misshapen"))
