@@ -127,3 +127,24 @@ def test_the_committed_answers_hold_no_spec_bench_question(embedded, questions_f
                    if distill.overlaps_benchmark(embedded.tokenizer.decode(r["prompt_ids"]), benchmark)]
     assert overlapping == []
     assert sum(len(r["answer_ids"]) for r in records) == provenance["tokens"]
+
+
+def test_tune_pairs_every_variant_with_a_vanilla_run_and_keeps_the_best_speedup(tmp_path, monkeypatch):
+    from bench import training
+    from methods import checkpoints
+    from methods.kangaroo import random_adapter
+    model = tiny("tiny-llama-random")
+    checkpoints.save(tmp_path / "ckpt", random_adapter(model.runtime).state_dict(),
+                     {"method": "kangaroo", "options": {"exit_layer": 2}, "provenance": {}})
+    monkeypatch.setattr(training, "held_out_prompts", lambda model, count: [[1, 5, 6, 7], [1, 9, 10]])
+    monkeypatch.setattr(methods.get("kangaroo"), "tuning_grid", ({"threshold": 0.0, "steps": 2},
+                                                                  {"threshold": 0.9, "steps": 4}))
+    try:
+        config = training.tune(model, "kangaroo", tmp_path / "ckpt", max_new_tokens=6)
+    finally:
+        model.runtime.set_matmul("torch")
+    rows = config["provenance"]["tuning"]["results"]
+    assert len(rows) == 2 and all(row["vanilla_tokens_per_s"] > 0 for row in rows)
+    assert all(abs(row["speedup"] - row["tokens_per_s"] / row["vanilla_tokens_per_s"]) < 0.01 for row in rows)
+    best = max(rows, key=lambda row: row["speedup"])["options"]
+    assert {k: config["recommended"][k] for k in best} == best
