@@ -216,7 +216,7 @@ class Eagle2(Drafter):
         prompt = core.prompt_tensor(prompt_ids, model.device)
         hidden = model.forward_layers(model.embed(prompt), cache, 0)  # [1, P, H]
         features = model.norm(hidden)  # the target's features of the prompt tokens
-        (pending,) = [core.commit_first(state, model.logits(hidden[:, -1:])[0, -1])]
+        pending = core.commit_first(state, model.head_logits(features[0, -1]))
         # the drafter's entries for (feature t, token t + 1), t = 0 .. P - 1: the last pairs the pending token
         root = self.draft_forward(features, torch.cat((prompt[:, 1:], state.pending), dim=1), draft_cache, 0)[:, -1:]
         while not state.done:
@@ -225,7 +225,7 @@ class Eagle2(Drafter):
             hidden = model.forward_layers(model.embed(nodes[None]), cache, start,
                                           positions=tree.positions(start), tree_mask=tree.mask)  # [1, n, H]
             normed = model.norm(hidden[0])  # [n, H] the target's features of the nodes
-            path, accepted = core.verify_tree(state, tree, model.logits(hidden)[0], nodes, cache)
+            path, accepted = core.verify_tree(state, tree, model.head_logits(normed), nodes, cache)
             if state.done:
                 break
             # the drafter catches up on the accepted nodes' target features, paired with the next tokens

@@ -72,22 +72,22 @@ class Linear(nn.Linear):
         if self.host_path == "blas":
             out = torch.from_numpy(np.matmul(flat.numpy(), self.host_weight))
         elif flat.shape[0] <= KERNEL_MAX_ROWS:
-            product = _current_product(self._product, [self])
-            if product is not self._product:
-                self._product = product
-            out = product(flat)
+            out = _current_product(self, [self])(flat)
         else:
             out = torch.from_numpy(np.matmul(flat.numpy(), self.weight.detach().numpy().T))
         out = out.view(*x.shape[:-1], out.shape[-1])  # [..., out_features]
         return out + self.bias if self.bias is not None else out
 
 
-def _current_product(product: kernels.Product | None, linears: list[Linear]) -> kernels.Product:
-    """`product` if it still multiplies by these layers' weights as they are, else a new one (a weight
-    replaced since, e.g. by `module.weight.data = ...`, or changed in place, is packed again)."""
+def _current_product(owner: nn.Module, linears: list[Linear]) -> kernels.Product:
+    """The owner's kernel product if it still multiplies by these layers' weights as they are, else
+    a new one, kept on the owner (a weight replaced since, e.g. by `module.weight.data = ...`, or
+    changed in place, is packed again)."""
+    product = owner._product
     weights = [linear.weight for linear in linears]
     if product is None or not product.is_current(weights):
         product = kernels.Product(*(weight.detach() for weight in weights))
+        owner._product = product
     return product
 
 
@@ -190,10 +190,7 @@ class FusedProjections(nn.Module):
             if self.fused_path == "blas":
                 out = torch.from_numpy(np.matmul(flat.numpy(), self.fused_weight))
             else:
-                product = _current_product(self._product, linears)
-                if product is not self._product:
-                    self._product = product
-                out = product(flat)
+                out = _current_product(self, linears)(flat)
             out = out.view(*x.shape[:-1], out.shape[-1])
             if self.fused_bias is not None:
                 out = out + self.fused_bias

@@ -300,7 +300,12 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, LM head and (when configured) the logit soft cap. [B, T, H] -> [B, T, V]"""
-        logits = self.lm_head(self.norm(hidden))
+        return self.head_logits(self.norm(hidden))
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """LM head and (when configured) the logit soft cap on hidden states the final norm already
+        normed. [..., H] -> [..., V]"""
+        logits = self.lm_head(normed)
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
