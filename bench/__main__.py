@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "excepted) [0]")
     run.add_argument("--seed", type=int, help="at temperature > 0, with the question id, run index and turn, the "
                      "seed of each turn's generator: reruns, resumed and Ray runs draw the same samples [0]")
+    run.add_argument("--order", choices=["method", "question"],
+                     help="method: each method over every question, then the next method (Spec-Bench's order); "
+                     "question: every method on a question before the next question, so each method is timed "
+                     "seconds after vanilla on the same prompt and its speedup stays paired on a host whose "
+                     "speed drifts (shared cores, changing memory bandwidth); all methods are held at once "
+                     "[method]")
     run.add_argument("--no-report", action="store_true", help="skip writing the summary and figures")
     run.add_argument("--device-map", choices=["auto", "none"],
                      help="auto: a hub/local checkpoint's decoder layers are spread over the visible GPUs (as "
@@ -157,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--strict", action="store_true", help="enforce speedup even across different hardware")
     compare.add_argument("--ignore-config", action="store_true",
                          help="compare even when the configs differ (the differences are printed)")
+    compare.add_argument("--speedup-min-questions", type=int, default=1, metavar="N",
+                         help="enforce speedup only on rows measured on at least N questions; smaller rows "
+                         "(one question of a category) are warned about [1: every row]")
 
     gpu = commands.add_parser(
         "gpu-check", help="self-test on a GPU box: lossless suite in float16/bfloat16, rounding, 7B step costs",
@@ -199,7 +208,7 @@ def command_run(args: argparse.Namespace) -> None:
     from bench.runner import RunSettings, run, settings_from_config
     values = settings_from_config(args.config) if args.config else {}
     for name in ("model", "methods", "categories", "limit", "max_new_tokens", "runs", "questions", "out",
-                 "device", "dtype", "matmul", "method_args", "template", "temperature", "seed"):
+                 "device", "dtype", "matmul", "method_args", "template", "temperature", "seed", "order"):
         given = getattr(args, name)
         if given is not None:
             values[name] = given
@@ -284,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                              [f.strip() for f in args.families.split(",") if f.strip()])
         elif args.command == "compare":
             from bench.compare import compare_command
-            return compare_command(args.baseline, args.new, args.tolerance, args.strict, args.ignore_config)
+            return compare_command(args.baseline, args.new, args.tolerance, args.strict, args.ignore_config,
+                                   speedup_min_questions=args.speedup_min_questions)
         elif args.command == "report":
             from bench.report import write_report
             write_report(args.run_dir)

@@ -12,6 +12,10 @@ of the baseline:
   both runs name the same hardware; otherwise it is a warning;
 - the row must exist in NEW, with the summary header of the file contract (schema).
 
+With `--speedup-min-questions N`, a speedup drop on a row measured on fewer than N questions (in
+either run) is only warned about: one question's timing is at the mercy of a host whose speed
+drifts, while a slower method shows on its overall row too.
+
 Exit status: 0 nothing regressed, 1 a regression, 2 unusable input (unreadable files, different
 run configs: these are listed and nothing is compared unless `--ignore-config` is given).
 """
@@ -36,7 +40,8 @@ from bench.metrics import SUMMARY_COLUMNS
 DEFAULT_TOLERANCES = {"tau": 0.01, "speedup": 0.20}
 # Settings that must agree for two runs to be comparable (the environment section may differ).
 CONFIG_FIELDS = ("model", "family", "template", "device", "dtype", "matmul", "categories", "limit",
-                 "max_new_tokens", "runs", "temperature", "seed")
+                 "max_new_tokens", "runs", "temperature", "seed", "order")
+CONFIG_DEFAULTS = {"order": "method"}  # fields a config leaves out at their default
 EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
 
 
@@ -131,8 +136,10 @@ def config_differences(baseline: dict | None, new: dict | None) -> list[str]:
     """What differs between two run configs in a way that makes their numbers incomparable."""
     if baseline is None or new is None:
         return []
-    differences = [f"{name}: {baseline.get(name)!r} vs {new.get(name)!r}"
-                   for name in CONFIG_FIELDS if baseline.get(name) != new.get(name)]
+    def value(config: dict, name: str):
+        return config.get(name, CONFIG_DEFAULTS.get(name))
+    differences = [f"{name}: {value(baseline, name)!r} vs {value(new, name)!r}"
+                   for name in CONFIG_FIELDS if value(baseline, name) != value(new, name)]
     old_sha = (baseline.get("questions") or {}).get("sha256")
     new_sha = (new.get("questions") or {}).get("sha256")
     if old_sha != new_sha:
@@ -192,7 +199,8 @@ def _number(value) -> float:
         return math.nan
 
 
-def compare_tables(baseline: Side, new: Side, tolerances: dict[str, float], strict: bool = False) -> Comparison:
+def compare_tables(baseline: Side, new: Side, tolerances: dict[str, float], strict: bool = False,
+                   speedup_min_questions: int = 1) -> Comparison:
     result = Comparison()
     base_hw, new_hw = hardware_name(baseline.config), hardware_name(new.config)
     result.speedup_enforced = strict or (base_hw is not None and base_hw == new_hw)
@@ -216,10 +224,18 @@ def compare_tables(baseline: Side, new: Side, tolerances: dict[str, float], stri
             result.findings.append(Finding(*key, "row", "present", "missing", "REGRESSION"))
             continue
         result.rows_compared += 1
-        result.findings.extend(_compare_row(key, row, other, tolerances, result.speedup_enforced))
+        questions = min(get_questions(row), get_questions(other))
+        enforced = result.speedup_enforced and questions >= speedup_min_questions
+        result.findings.extend(_compare_row(key, row, other, tolerances, enforced))
     for key in sorted(set(new_rows) - base_keys):
         result.notes.append(f"new row not in the baseline: {key[0]} / {key[1]}")
     return result
+
+
+def get_questions(row) -> float:
+    """The questions a summary row was measured on (0 when the column is missing or empty)."""
+    value = _number(row["questions"]) if "questions" in row.index else math.nan
+    return 0 if _missing(value) else value
 
 
 def _compare_row(key, row, other, tolerances, speedup_enforced) -> list[Finding]:
@@ -291,7 +307,7 @@ def render(comparison: Comparison, tolerances: dict[str, float]) -> str:
 
 
 def compare_command(baseline_path: str, new_path: str, tolerance: str | None = None, strict: bool = False,
-                    ignore_config: bool = False, out=None) -> int:
+                    ignore_config: bool = False, out=None, speedup_min_questions: int = 1) -> int:
     """Run a comparison and print it (to `out`, default stdout); returns the exit status (0, 1 or 2)."""
     out = out or sys.stdout
     try:
@@ -314,6 +330,9 @@ def compare_command(baseline_path: str, new_path: str, tolerance: str | None = N
             return EXIT_UNUSABLE
     if baseline.config is None or new.config is None:
         print("note: config.json missing on one side; configs not checked", file=out)
-    comparison = compare_tables(baseline, new, tolerances, strict)
+    comparison = compare_tables(baseline, new, tolerances, strict, speedup_min_questions)
+    if speedup_min_questions > 1 and comparison.speedup_enforced:
+        comparison.notes.append(f"speedup enforced on rows of at least {speedup_min_questions} questions; "
+                                "smaller rows only warned about")
     print(render(comparison, tolerances), file=out)
     return EXIT_REGRESSION if comparison.regressions else EXIT_OK

@@ -35,6 +35,7 @@ from bench.specs import MethodSpec, parse_method_args, parse_method_specs, resol
 from methods import MissingCheckpoint
 from methods.products import MATMUL_PATHS, pick_matmul_path
 
+ORDERS = ("method", "question")  # RunSettings.order; see run_methods
 PACKAGES = ("torch", "transformers", "numpy", "pandas", "safetensors", "tokenizers", "gguf", "accelerate")
 
 
@@ -57,6 +58,7 @@ class RunSettings:
     seed: int = 0  # with the question id, run index and turn, seeds each turn's generator at T > 0
     questions_sha256: str | None = None  # when set (rerun from a config), the question file must match
     device_map: str | None = None  # "auto": transformers places the model (bench.models.resolve_device_map)
+    order: str = "method"  # "method": one method over all questions, then the next; "question": all methods per question
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -237,6 +239,8 @@ def plan_run(settings: RunSettings) -> Plan:
         raise UserError(f"the config was run on questions with sha256 {settings.questions_sha256}, but "
                         f"{questions_file} has {questions_sha256}: pass that question file with --questions PATH")
     questions = data.select_questions(data.load_questions(questions_file), groups, settings.limit)
+    if settings.order not in ORDERS:
+        raise UserError(f"unknown --order {settings.order!r}; valid: {', '.join(ORDERS)}")
     if settings.matmul not in ("auto",) + MATMUL_PATHS:
         raise UserError(f"unknown --matmul {settings.matmul!r}; valid: auto, {', '.join(MATMUL_PATHS)}")
     return Plan(specs, explicit, options, groups, Path(questions_file), pinned, questions_sha256, questions)
@@ -289,6 +293,7 @@ def build_config(facts: dict, matmul: str, plan: Plan, settings: RunSettings, la
         "runs": settings.runs,
         # the decoding policy: absent at its default (greedy), so older runs keep their hash and resume
         **({"temperature": settings.temperature, "seed": settings.seed} if settings.temperature else {}),
+        **({"order": settings.order} if settings.order != "method" else {}),  # absent at its default, as above
         "methods": {s.label: {"name": s.name, "spec": s.label, "options": plan.options[s.label]}
                     for s in plan.specs},
         "environment": environment_section,
@@ -322,6 +327,13 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
     checkpoints and effective options into config["methods"]. Returns `stats`. A launcher runs this
     on a subset of the questions (a cell) with its own `out`.
 
+    `settings.order` "method" (Spec-Bench's order) builds, runs and drops one method at a time over
+    all questions; "question" builds every method first and runs them all on a question before the
+    next, so each method is timed seconds after vanilla on the same question: on a host whose speed
+    drifts (shared cores, memory bandwidth that changes from minute to minute) its ratios stay
+    paired. A method's peak memory is then its windows' resident peak less the other live methods'
+    extra memory.
+
     A variant that resolves to the same method as an earlier one on this model (e.g.
     `kangaroo+draft_vocab=32768` on a 32,000-token vocabulary) is skipped with a note, not timed twice."""
     stats_path = out / "method_stats.json"
@@ -335,38 +347,41 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
                              "extra_memory_bytes": 0, "peak_memory_bytes": None}
         write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
 
-    for spec in plan.specs:
-        try:
-            method = build_method(spec, plan.options[spec.label], model)
-        except MissingCheckpoint as error:
-            if plan.explicit:
-                raise UserError(f"method {spec.label}: {error}") from None
-            skip(spec, str(error))
-            continue
-        loaded = getattr(method, "checkpoints", {})
-        identity = json.dumps([spec.name, method.settings, sorted(loaded.values())], sort_keys=True, default=str)
-        twin = next((label for label, other in resolved.items() if other == identity), None)
-        if twin is not None:
-            skip(spec, f"the same method as {twin} on this model (effective options "
-                       f"{json.dumps(method.settings, default=str)}): not timed twice")
-            del method
-            continue
-        resolved[spec.label] = identity
-        previous = config["methods"][spec.label].get("checkpoints") or {}
-        if previous and loaded and sorted(previous.values()) != sorted(loaded.values()):
-            raise UserError(f"{out} was run with other checkpoint files for {spec.label} than the ones loaded now "
-                            f"({', '.join(loaded)}); pass another --out to start a new run")
-        records, peak = run_method(model, method, spec, questions, settings, out)
-        overhead = method.overhead()
-        rule = "greedy" if not settings.temperature else type(method).acceptance_name(method.settings)
-        del method  # its caches go before the lossless check allocates its own
+    def built():
+        """(spec, method) for every method that runs, built one at a time as the caller asks."""
+        for spec in plan.specs:
+            try:
+                method = build_method(spec, plan.options[spec.label], model)
+            except MissingCheckpoint as error:
+                if plan.explicit:
+                    raise UserError(f"method {spec.label}: {error}") from None
+                skip(spec, str(error))
+                continue
+            loaded = getattr(method, "checkpoints", {})
+            identity = json.dumps([spec.name, method.settings, sorted(loaded.values())], sort_keys=True, default=str)
+            twin = next((label for label, other in resolved.items() if other == identity), None)
+            if twin is not None:
+                skip(spec, f"the same method as {twin} on this model (effective options "
+                           f"{json.dumps(method.settings, default=str)}): not timed twice")
+                del method
+                continue
+            resolved[spec.label] = identity
+            previous = config["methods"][spec.label].get("checkpoints") or {}
+            if previous and loaded and sorted(previous.values()) != sorted(loaded.values()):
+                raise UserError(f"{out} was run with other checkpoint files for {spec.label} than the ones loaded now "
+                                f"({', '.join(loaded)}); pass another --out to start a new run")
+            yield spec, method
+
+    def finish(spec: MethodSpec, records: dict[int, dict], peak: int | None, overhead, rule: str) -> None:
+        nonlocal reference
+        loaded_identity = json.loads(resolved[spec.label])
         if not settings.temperature:  # sampled tokens cannot equal vanilla's: no token-level check
             classify_records(model, spec, questions, records, reference, out)
         if spec.label == "vanilla":
             reference = records
-        config["methods"][spec.label]["checkpoints"] = loaded
+        config["methods"][spec.label]["checkpoints"] = dict(checkpoints[spec.label])
         # what the method made of its options (e.g. an exit layer taken from its checkpoint)
-        config["methods"][spec.label]["effective_options"] = json.loads(identity)[1]
+        config["methods"][spec.label]["effective_options"] = loaded_identity[1]
         if peak is None:  # nothing ran now (a resumed run): keep the figure measured before
             peak = stats.get(spec.label, {}).get("peak_memory_bytes")
         stats[spec.label] = {"name": spec.name, "status": "ok", "reason": None, "rule": rule,
@@ -376,7 +391,74 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
                              "acceptance": vllm_acceptance([records[q["question_id"]] for q in questions
                                                             if q["question_id"] in records])}
         write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
+
+    def rule_of(method) -> str:
+        return "greedy" if not settings.temperature else type(method).acceptance_name(method.settings)
+
+    checkpoints: dict[str, dict] = {}
+    if settings.order == "method":
+        for spec, method in built():
+            checkpoints[spec.label] = getattr(method, "checkpoints", {})
+            records, peak = run_method(model, method, spec, questions, settings, out)
+            overhead, rule = method.overhead(), rule_of(method)
+            del method  # its caches go before the lossless check allocates its own
+            finish(spec, records, peak, overhead, rule)
+        return stats
+    live = list(built())
+    for spec, method in live:
+        checkpoints[spec.label] = getattr(method, "checkpoints", {})
+    outcomes = run_interleaved(model, live, questions, settings, out)
+    finals = [(spec, outcomes[spec.label], method.overhead(), rule_of(method)) for spec, method in live]
+    live.clear()  # every method's caches go before the lossless checks allocate their own
+    method = None
+    for spec, (records, peak), overhead, rule in finals:
+        finish(spec, records, peak, overhead, rule)
     return stats
+
+
+def warm_up(model: LoadedModel, method, spec: MethodSpec, question: dict, settings: RunSettings) -> None:
+    """One untimed generation on `question`'s first turn; a failure is printed and shows again,
+    recorded, when that question runs."""
+    policy = sampling_for(model, settings.temperature, settings.seed, "warm-up", 0, 0)
+    try:
+        method.generate(model.prompt_ids(question["turns"][:1], []), settings.max_new_tokens, model.stop_ids,
+                        **({"sampling": policy} if policy else {}))
+    except Exception as error:  # noqa: BLE001
+        print(f"[run] {spec.label} warm-up failed: {type(error).__name__}: {error}", file=sys.stderr)
+
+
+def answer_record(model: LoadedModel, method, spec: MethodSpec, question: dict, settings: RunSettings) -> dict:
+    """The answer line of one question: every run of it, or the error it failed with."""
+    qid = question["question_id"]
+    record = {"question_id": qid, "category": question["category"], "group": question["group"],
+              "answer_id": hashlib.sha1(f"{spec.label}/{qid}".encode()).hexdigest()[:22],
+              "model_id": spec.label, "choices": [], "tstamp": time.time()}
+    try:
+        for run_index in range(settings.runs):
+            record["choices"].append(answer_question(model, method, question, settings.max_new_tokens, run_index,
+                                                     settings.temperature, settings.seed))
+    except Exception as error:  # recorded, and the run goes on (DESIGN.md §7)
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        record["choices"] = []
+        record["error"] = f"{type(error).__name__}: {error}"
+        print(f"[run] {spec.label} question {qid} failed: {record['error']}\n"
+              f"{''.join(traceback.format_exception(error)[-3:])}", file=sys.stderr)
+        if model.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+    record["tstamp"] = time.time()
+    return record
+
+
+def throughput(record: dict) -> str:
+    tokens = sum(sum(c["new_tokens"]) for c in record["choices"])
+    seconds = sum(sum(c["wall_time"]) for c in record["choices"])
+    return f"{tokens / seconds:.1f}" if seconds else "-"
+
+
+def pending(records: dict[int, dict], questions: list[dict]) -> list[dict]:
+    """The questions without a finished answer (none yet, or an error: a rerun retries it)."""
+    return [q for q in questions if "error" in records.get(q["question_id"], {"error": None})]
 
 
 def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dict], settings: RunSettings,
@@ -385,43 +467,57 @@ def run_method(model: LoadedModel, method, spec: MethodSpec, questions: list[dic
     memory over its warm-up and questions, or None when no question was left to run)."""
     path = out / "answers" / f"{spec.file_name}.jsonl"
     records = read_answers(path)
-    todo = [q for q in questions if "error" in records.get(q["question_id"], {"error": None})]
+    todo = pending(records, questions)
     if not todo:
         return records, None
     reset_peak_memory(model.runtime)  # the window covers this method alone (bench/device.py)
-    first = questions[0]  # warm-up, untimed; a failure here shows again, recorded, on that question
-    policy = sampling_for(model, settings.temperature, settings.seed, "warm-up", 0, 0)
-    try:
-        method.generate(model.prompt_ids(first["turns"][:1], []), settings.max_new_tokens, model.stop_ids,
-                        **({"sampling": policy} if policy else {}))
-    except Exception as error:  # noqa: BLE001
-        print(f"[run] {spec.label} warm-up failed: {type(error).__name__}: {error}", file=sys.stderr)
+    warm_up(model, method, spec, questions[0], settings)
     progress = tqdm(todo, desc=f"{spec.label:>16}", unit="q", file=sys.stderr, dynamic_ncols=True)
     for question in progress:
-        qid = question["question_id"]
-        record = {"question_id": qid, "category": question["category"], "group": question["group"],
-                  "answer_id": hashlib.sha1(f"{spec.label}/{qid}".encode()).hexdigest()[:22],
-                  "model_id": spec.label, "choices": [], "tstamp": time.time()}
-        try:
-            for run_index in range(settings.runs):
-                record["choices"].append(answer_question(model, method, question, settings.max_new_tokens, run_index,
-                                                         settings.temperature, settings.seed))
-            tokens = sum(sum(c["new_tokens"]) for c in record["choices"])
-            seconds = sum(sum(c["wall_time"]) for c in record["choices"])
-            progress.set_postfix(tok_s=f"{tokens / seconds:.1f}")
-        except Exception as error:  # recorded, and the run goes on (DESIGN.md §7)
-            if isinstance(error, KeyboardInterrupt):
-                raise
-            record["choices"] = []
-            record["error"] = f"{type(error).__name__}: {error}"
-            print(f"[run] {spec.label} question {qid} failed: {record['error']}\n"
-                  f"{''.join(traceback.format_exception(error)[-3:])}", file=sys.stderr)
-            if model.runtime.device.type == "cuda":
-                torch.cuda.empty_cache()
-        record["tstamp"] = time.time()
-        records[qid] = record
+        records[question["question_id"]] = record = answer_record(model, method, spec, question, settings)
+        if record["choices"]:
+            progress.set_postfix(tok_s=throughput(record))
         write_answers(path, records)
     return records, peak_memory_bytes(model.runtime)
+
+
+def run_interleaved(model: LoadedModel, live: list[tuple[MethodSpec, object]], questions: list[dict],
+                    settings: RunSettings, out: Path) -> dict[str, tuple[dict[int, dict], int | None]]:
+    """Question order: every live method (vanilla first) on a question, then the next question.
+    Returns, per label, (records by question id, peak memory or None when nothing ran)."""
+    paths = {spec.label: out / "answers" / f"{spec.file_name}.jsonl" for spec, _ in live}
+    records = {label: read_answers(path) for label, path in paths.items()}
+    todo = {label: {q["question_id"] for q in pending(records[label], questions)} for label in paths}
+    extra = {spec.label: method.overhead().extra_memory_bytes for spec, method in live}
+    peaks: dict[str, int | None] = {label: None for label in paths}
+
+    def measured(label: str, window) -> None:
+        reset_peak_memory(model.runtime)
+        window()
+        others = sum(size for other, size in extra.items() if other != label)
+        peak = peak_memory_bytes(model.runtime) - others
+        peaks[label] = max(peaks[label] or 0, peak)
+
+    for spec, method in live:
+        if todo[spec.label]:
+            measured(spec.label, lambda: warm_up(model, method, spec, questions[0], settings))
+    progress = tqdm([q for q in questions if any(q["question_id"] in ids for ids in todo.values())],
+                    desc="questions", unit="q", file=sys.stderr, dynamic_ncols=True)
+    for question in progress:
+        qid = question["question_id"]
+        rates = {}
+        for spec, method in live:
+            if qid not in todo[spec.label]:
+                continue
+
+            def window(spec=spec, method=method):
+                records[spec.label][qid] = answer_record(model, method, spec, question, settings)
+            measured(spec.label, window)
+            write_answers(paths[spec.label], records[spec.label])
+            if records[spec.label][qid]["choices"]:
+                rates[spec.label] = throughput(records[spec.label][qid])
+        progress.set_postfix_str(" ".join(f"{label}={rate}" for label, rate in rates.items())[:120])
+    return {label: (records[label], peaks[label]) for label in paths}
 
 
 def classify_records(model: LoadedModel, spec: MethodSpec, questions: list[dict], records: dict[int, dict],
@@ -484,7 +580,7 @@ def settings_from_config(path: str) -> dict:
                 "max_new_tokens": config["max_new_tokens"], "runs": config["runs"], "device": config["device"],
                 "dtype": config["dtype"], "matmul": config["matmul"], "method_args": method_args,
                 "temperature": config.get("temperature", 0.0), "seed": config.get("seed", 0),
-                "template": config.get("template"),
+                "template": config.get("template"), "order": config.get("order", "method"),
                 "questions": questions.get("path") if Path(questions.get("path") or "").is_file() else None,
                 "questions_sha256": questions["sha256"]}
     except (KeyError, TypeError) as error:

@@ -101,6 +101,37 @@ def test_speedup_only_warned_across_hardware_unless_strict(tmp_path):
     assert compare_command(str(base), str(new), out=io.StringIO()) == 1
 
 
+def test_speedup_of_small_rows_only_warned_with_min_questions(tmp_path):
+    """--speedup-min-questions 6: a one-question category row that halves is a warning, an overall
+    row of 6 questions that halves is still a regression, and τ is enforced on every row."""
+    rows = [{**row, "questions": 1 if row["category"] == "qa" else 6} for row in BASE_ROWS]
+    base = write_side(tmp_path / "base", rows)
+
+    def run(new_rows) -> tuple[int, str]:
+        out = io.StringIO()
+        code = compare_command(str(base), str(write_side(tmp_path / "new", new_rows)), out=out,
+                               speedup_min_questions=6)
+        return code, out.getvalue()
+
+    def with_pld(category, **changes):
+        return [{**row, **changes} if (row["method"], row["category"]) == ("pld", category) else row for row in rows]
+
+    code, text = run(with_pld("qa", speedup=0.7))
+    assert code == 0 and "warning" in text and "at least 6 questions" in text
+    assert compare_command(str(base), str(tmp_path / "new"), out=io.StringIO()) == 1  # every row by default
+    code, text = run(with_pld("overall", speedup=0.7))
+    assert code == 1 and "REGRESSION" in text
+    code, text = run(with_pld("qa", mean_accepted_tokens=1.5))
+    assert code == 1
+
+
+def test_order_is_part_of_the_config(tmp_path):
+    code, text = run_compare(tmp_path, BASE_ROWS, order="question")
+    assert code == 2 and "order: 'method' vs 'question'" in text
+    code, _ = run_compare(tmp_path, BASE_ROWS, order="method")  # the default, written out
+    assert code == 0
+
+
 def test_tolerance_option(tmp_path):
     code, _ = run_compare(tmp_path, changed(speedup=1.2), "speedup=0.25")
     assert code == 0

@@ -19,6 +19,7 @@ from bench import data, metrics, report, runner
 from bench.__main__ import main
 from bench.models import build_prompt
 from bench.tiny import ByteTokenizer
+from bench.errors import UserError
 from bench.runner import RunSettings
 from bench.specs import MethodSpec, label_file_name, parse_method_specs
 from methods import Option
@@ -646,6 +647,46 @@ def test_lossless_check_runs_after_the_timed_window(questions, tmp_path, registe
                            max_new_tokens=4, questions=questions, out=str(tmp_path / "run"), device="cpu",
                            matmul="torch"))
     assert events == ["generate"] * 4 + ["classify"] * 2  # warm-up, 2 + 1 turns, then both checks
+
+
+def test_question_order_runs_every_method_per_question_with_the_same_answers(questions, tmp_path, monkeypatch):
+    """--order question: each question's methods run back to back (vanilla first), answers and
+    lossless labels equal a method-order run's, and a rerun resumes without generating again."""
+    events = []
+    answer = runner.answer_question
+
+    def recorded(model, method, question, *args, **kwargs):
+        events.append((type(method).__name__, question["question_id"]))
+        return answer(model, method, question, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "answer_question", recorded)
+    common = dict(model=MODEL, methods="vanilla,pld,kangaroo", categories="writing,qa", limit=1, max_new_tokens=6,
+                  questions=questions, device="cpu", matmul="torch")
+    with pytest.warns(UserWarning, match="seeded random"):
+        paired = runner.run(RunSettings(**common, out=str(tmp_path / "paired"), order="question"))
+    ids = [q["question_id"] for q in selected(questions, "writing,qa")]
+    assert events == [(name, qid) for qid in ids for name in ("Vanilla", "PromptLookup", "Kangaroo")]
+    events.clear()
+    with pytest.warns(UserWarning, match="seeded random"):
+        serial = runner.run(RunSettings(**common, out=str(tmp_path / "serial")))
+    assert events == [(name, qid) for name in ("Vanilla", "PromptLookup", "Kangaroo") for qid in ids]
+    for label in ("vanilla", "pld", "kangaroo"):
+        left = runner.read_answers(paired / "answers" / f"{label}.jsonl")
+        right = runner.read_answers(serial / "answers" / f"{label}.jsonl")
+        assert [[c["output_ids"] for c in left[q]["choices"]] for q in ids] == \
+            [[c["output_ids"] for c in right[q]["choices"]] for q in ids]
+        assert [left[q]["choices"][0]["lossless"] for q in ids] == ["identical"] * len(ids)
+    stats = json.loads((paired / "method_stats.json").read_text())
+    assert all(stats[label]["status"] == "ok" and stats[label]["peak_memory_bytes"] > 0
+               for label in ("vanilla", "pld", "kangaroo"))
+    assert json.loads((paired / "config.json").read_text())["order"] == "question"
+    assert "order" not in json.loads((serial / "config.json").read_text())  # the default is left out
+    events.clear()
+    with pytest.warns(UserWarning, match="seeded random"):
+        runner.run(RunSettings(**common, out=str(tmp_path / "paired"), order="question"))
+    assert events == []
+    with pytest.raises(UserError, match="--order"):
+        runner.run(RunSettings(**common, out=str(tmp_path / "bad"), order="random"))
 
 
 def test_a_turn_past_the_models_positions_is_warned_about_once(questions, capsys, monkeypatch):
