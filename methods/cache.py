@@ -92,9 +92,11 @@ class AttentionContext:
     def _build_mask(self, window: int | None) -> tuple[int, torch.Tensor | str | None]:
         start, T, device = self.start, self.T, self.positions.device
         end = start + T
-        # Prefix slots hold their own position, and every new token's position is >= start, so
-        # slots below start - window + 1 are out of every query's window: skip them.
-        low = max(0, start - window + 1) if window else 0
+        # Prefix slots hold their own position, and every new token's position is >= start (a draft
+        # tree's nodes: >= the first slot its mask covers, start - E), so slots below that minus
+        # window - 1 are out of every query's window: skip them.
+        first = start - (self.tree_mask.shape[1] - T if self.tree_mask is not None else 0)
+        low = max(0, first - window + 1) if window else 0
         if self.tree_mask is None and T == 1 and not (window and end - low > window):
             return low, None
         if self.tree_mask is None and start == 0 and not (window and T > window):

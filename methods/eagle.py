@@ -30,7 +30,7 @@ from methods.products import Linear, set_matmul_path
 from methods.runtime import DecoderLayer, Transformer
 from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
                            teacher_distribution, token_batches, train_loop)
-from methods.tree import Tree
+from methods.tree import Grown, Tree, grow as grow_tree
 
 VICUNA_DEFAULTS = {"depth": 6, "top_k": 10, "total_tokens": 60, "draft_vocab": 0}  # the EAGLE-2 paper's
 CPU_DEFAULTS = {"depth": 4, "top_k": 4, "total_tokens": 16, "draft_vocab": 32768}  # at most 16 verified tokens
@@ -155,54 +155,26 @@ class Eagle2(Drafter):
         """The draft tree after the pending token: `root` [1, 1, H] the drafter's prediction of the
         pending token's feature, `start` the slot of the pending token (the drafter's cache holds
         [0, start)). Returns (the tree, its nodes' tokens [n], node 0 the pending token)."""
-        depth, top_k, total = self.settings["depth"], self.settings["top_k"], self.settings["total_tokens"]
         tokens, scores = self.candidates(root[0], [()], produced)
-        token_list, score_list = core.read_back(torch.cat((tokens.float(), scores)).view(2, -1), purpose="draft")
-        # every grown node: token, parent node (-1: the pending token), cumulative score, depth, path
-        grown = [(int(t), -1, s, 1, (int(t),)) for t, s in zip(token_list, score_list)]
-        frontier = list(range(len(grown)))
-        expanded: list[int] = []  # nodes whose drafter entries are in the cache, in slot order
-        outputs: dict[int, torch.Tensor] = {-1: root[0, 0]}
-        for level in range(2, depth + 1):
-            chosen = sorted(frontier, key=lambda node: -grown[node][2])[:top_k]
-            slot_of = {node: i for i, node in enumerate(expanded)}
-            block = len(expanded)
-            mask = torch.zeros(len(chosen), block + len(chosen), dtype=torch.bool)
-            for row, node in enumerate(chosen):
-                mask[row, block + row] = True
-                parent = grown[node][1]
-                while parent >= 0:
-                    mask[row, slot_of[parent]] = True
-                    parent = grown[parent][1]
-            features = torch.stack([outputs[grown[node][1]] for node in chosen])[None]  # [1, k, H]
-            node_tokens = torch.tensor([[grown[node][0] for node in chosen]], device=root.device)
-            positions = torch.full((len(chosen),), start + level - 2, device=root.device)
+        first = core.read_back(torch.cat((tokens.float(), scores)).view(2, -1), purpose="draft")
+        outputs: dict[int, torch.Tensor] = {-1: root[0, 0]}  # each expanded node's predicted feature
+
+        def expand(chosen: list[int], grown: list[Grown], mask: torch.Tensor, block: int):
+            # a chosen node pairs its parent's predicted feature with its own token, at its parent's position
+            features = torch.stack([outputs[grown[node].parent] for node in chosen])[None]  # [1, k, H]
+            node_tokens = torch.tensor([[grown[node].token for node in chosen]], device=root.device)
+            positions = torch.tensor([start + grown[node].depth - 1 for node in chosen], device=root.device)
             out = self.draft_forward(features, node_tokens, cache, start + block, positions,
                                      mask.to(root.device))[0]  # [k, H]
             for row, node in enumerate(chosen):
                 outputs[node] = out[row]
-            expanded += chosen
-            tokens, scores = self.candidates(out, [grown[node][4] for node in chosen], produced)
-            token_rows, score_rows = core.read_back(torch.stack((tokens.float(), scores)), purpose="draft")
-            frontier = []
-            for row, node in enumerate(chosen):
-                for token, score in zip(token_rows[row], score_rows[row]):
-                    frontier.append(len(grown))
-                    grown.append((int(token), node, grown[node][2] + score, level, grown[node][4] + (int(token),)))
-        # the best total - 1 nodes (ties: shallower first, so a parent precedes its child)
-        ranked = sorted(range(len(grown)), key=lambda node: (-grown[node][2], grown[node][3]))[:total - 1]
-        kept = sorted(ranked, key=lambda node: (grown[node][3], -grown[node][2]))  # parents before children
-        index = {node: i + 1 for i, node in enumerate(kept)}
-        parents = [-1] + [0 if grown[node][1] < 0 else index[grown[node][1]] for node in kept]
-        sibling_rank: dict[int, int] = {}
-        rank = [0]
-        for node in kept:
-            parent = parents[index[node]]
-            rank.append(sibling_rank.get(parent, 0))
-            sibling_rank[parent] = rank[-1] + 1
+            tokens, scores = self.candidates(out, [grown[node].path for node in chosen], produced)
+            return core.read_back(torch.stack((tokens.float(), scores)), purpose="draft")
+
+        parents, rank, kept = grow_tree(first, expand, self.settings["depth"], self.settings["top_k"],
+                                        self.settings["total_tokens"])
         tree = Tree.from_parents(parents, rank, root.device)
-        nodes = torch.tensor([pending] + [grown[node][0] for node in kept], device=root.device)
-        return tree, nodes
+        return tree, torch.tensor([pending] + [node.token for node in kept], device=root.device)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],

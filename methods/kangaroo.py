@@ -13,6 +13,7 @@ embedded model); verification always uses the full vocabulary, so the output sta
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from methods import Generation, Option, ProfileTable, Sampling, StepCosts, accep
 from methods.drafter import Drafter
 from methods.products import set_matmul_path
 from methods.runtime import DecoderLayer, RMSNorm, Transformer
+from methods.tree import Grown, Tree, grow as grow_tree
 from methods.train import (TrainingJob, candidate_head, chain_acceptance, precompute_features,
                            soft_distillation_loss, teacher_distribution, token_batches, train_loop)
 
@@ -88,12 +90,20 @@ class Kangaroo(Drafter):
         "steps": Option(int, None, "gamma: at most this many drafts per step (default: the checkpoint's "
                                    "recommended, else 6)"),
         "draft_vocab": Option(int, 0, "score drafts over the N most frequent tokens only (0: full vocabulary)"),
+        "tree": Option(bool, False, "draft a dynamic tree (Kangaroo's NeurIPS variant): expand the top_k "
+                                    "candidates of each depth by cumulative draft probability, each only while "
+                                    "its own probability reaches threshold, for at most `steps` depths, and verify "
+                                    "the best total_tokens in one tree forward"),
+        "top_k": Option(int, None, "tree: children per expanded candidate and candidates expanded per depth "
+                                   "(default: the checkpoint's recommended, else 10 on Vicuna, 4 elsewhere)"),
+        "total_tokens": Option(int, None, "tree: tokens one verification scores, the pending one included "
+                                          "(default: the checkpoint's recommended, else 60 on Vicuna, 16 elsewhere)"),
     }
     default_sweep = ("kangaroo", "kangaroo+draft_vocab=32768")
     checkpoint_option, checkpoint_env, missing_hint = "adapter", "KANGAROO_ADAPTER", PUBLISHED_HINT
     tuning_grid = tuple({"threshold": eta, "steps": steps} for eta in (0.2, 0.4, 0.6) for steps in (2, 4, 6))
     # threshold 0: an untrained adapter drafts at every step too, so verification of k tokens is exercised
-    selftest_variants = ({}, {"threshold": 0.0})
+    selftest_variants = ({}, {"threshold": 0.0}, {"tree": True, "threshold": 0.0})
 
     def __init__(self, model: Transformer, **options):
         super().__init__(model, **options)
@@ -105,6 +115,17 @@ class Kangaroo(Drafter):
             self.adapter = random_adapter(model)
         self.recommend("threshold", 0.6)
         self.recommend("steps", 6)
+        if self.settings["tree"]:
+            vicuna = (model.alias or "").startswith("vicuna")
+            self.recommend("top_k", 10 if vicuna else 4)
+            self.recommend("total_tokens", 60 if vicuna else 16)
+            if self.settings["top_k"] < 1 or self.settings["steps"] < 1:
+                raise ValueError("kangaroo: top_k and steps must be at least 1 with tree=true")
+            if self.settings["total_tokens"] < 2:
+                raise ValueError(f"kangaroo: total_tokens must be at least 2 (the pending token and one draft), "
+                                 f"not {self.settings['total_tokens']}")
+        elif self.settings["top_k"] is not None or self.settings["total_tokens"] is not None:
+            raise ValueError("kangaroo: top_k and total_tokens shape the draft tree; add tree=true")
         self.exit_layer = self.settings["exit_layer"] or trained_exit or DEFAULT_EXIT_LAYER.get(model.alias or "", 2)
         self.settings["exit_layer"] = self.exit_layer
         if not 1 <= self.exit_layer < model.config.num_layers:
@@ -141,9 +162,24 @@ class Kangaroo(Drafter):
                                                            device=q.device).index_copy_(0, self.head_ids, q)
         return probability.view(1), token.view(1, 1), full
 
+    def candidates(self, adapted: torch.Tensor, paths: list[tuple[int, ...]],
+                   produced: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tree drafting: the top_k next tokens and their draft log-probabilities [n, top_k] after
+        each of n nodes whose adapter outputs are `adapted` [n, H]; `paths` are the nodes' draft
+        tokens after the pending one and `produced` the tokens committed so far (tests override
+        this to feed oracle drafts)."""
+        logits = self.head(self.adapter.norm(adapted)[None])[0].float()  # [n, V or draft_vocab]
+        cap = self.model.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        scores, index = torch.log_softmax(logits, dim=-1).topk(self.settings["top_k"], dim=-1)
+        return (index if self.head_ids is None else self.head_ids[index]), scores
+
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
                  sampling: Sampling | None = None) -> Generation:
+        if self.settings["tree"]:
+            return self.generate_tree(prompt_ids, max_new_tokens, stop_ids, sampling)
         model = self.model
         shallow_layers, deep_layers = range(0, self.exit_layer), range(self.exit_layer, model.config.num_layers)
         gamma, threshold, block = self.settings["steps"], self.settings["threshold"], self.adapter.layers[0]
@@ -176,6 +212,65 @@ class Kangaroo(Drafter):
             hidden = model.forward_layers(torch.cat(features, dim=1), cache, state.length, layers=deep_layers)
             core.verify_linear(state, model.logits(hidden)[0], torch.cat(drafts).view(-1) if drafts else None,
                                torch.stack(draft_probs) if drafts and draft_probs[0] is not None else None)
+        return state.result()
+
+    def generate_tree(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                      sampling: Sampling | None = None) -> Generation:
+        """The tree variant. Each step runs the shallow layers and the adapter on the pending
+        token (with the adapter catching up on the drafts accepted last step), grows a tree from
+        its top_k candidates (methods.tree.grow: the chosen candidates of a depth go through the
+        shallow layers and the adapter in one tree-masked forward), and verifies the tree with one
+        forward of every layer over its nodes. Drafts are the top-k children, deterministic, so at
+        T > 0 the multi-round rule accepts them."""
+        model = self.model
+        shallow_layers, deep_layers = range(0, self.exit_layer), range(self.exit_layer, model.config.num_layers)
+        depth, top_k, total = self.settings["steps"], self.settings["top_k"], self.settings["total_tokens"]
+        floor = math.log(self.settings["threshold"]) if self.settings["threshold"] > 0 else -math.inf
+        block = self.adapter.layers[0]
+        state = core.start(prompt_ids, max_new_tokens, stop_ids, model.device, self.acceptance(sampling))
+        needed = len(prompt_ids) + max_new_tokens + max(total, 1 + (depth - 1) * top_k) + 2
+        cache, adapter_cache = self.cache(needed), self.draft_cache("adapter", needed, num_layers=1)
+        device = model.device
+
+        prompt = core.prompt_tensor(prompt_ids, device)
+        shallow = model.forward_layers(model.embed(prompt), cache, 0, layers=shallow_layers)
+        model.forward_block(block, shallow, adapter_cache, 0)
+        hidden = model.forward_layers(shallow, cache, 0, layers=deep_layers)
+        core.commit_first(state, model.logits(hidden[:, -1:])[0, -1])
+        behind = None  # shallow features [1, a, H] of last step's accepted drafts, not yet in the adapter's cache
+        while not state.done:
+            start, produced = state.length, len(state.new_ids)
+            feature = model.forward_layers(model.embed(state.pending), cache, start, layers=shallow_layers)
+            if behind is not None:
+                feature = torch.cat((behind, feature), dim=1)
+            adapted = model.forward_block(block, feature, adapter_cache, start + 1 - feature.shape[1])[0, -1:]
+            first = core.read_back(torch.cat([part.float() for part in self.candidates(adapted, [()], produced)]),
+                                   purpose="draft")
+
+            def expand(chosen: list[int], grown: list[Grown], mask: torch.Tensor, done: int):
+                # the chosen candidates through the shallow layers and the adapter, after the pending token's slot
+                tokens = torch.tensor([[grown[node].token for node in chosen]], device=device)
+                positions = torch.tensor([start + grown[node].depth for node in chosen], device=device)
+                mask = mask.to(device)
+                features = model.forward_layers(model.embed(tokens), cache, start + 1 + done, positions=positions,
+                                                tree_mask=mask, layers=shallow_layers)
+                out = model.forward_block(block, features, adapter_cache, start + 1 + done, positions=positions,
+                                          tree_mask=mask)[0]
+                rows = self.candidates(out, [grown[node].path for node in chosen], produced)
+                return core.read_back(torch.stack([part.float() for part in rows]), purpose="draft")
+
+            parents, rank, kept = grow_tree(first, expand, min(depth, max(state.budget, 1)), top_k, total,
+                                            expandable=lambda node: node.own >= floor)
+            tree = Tree.from_parents(parents, rank, device)
+            nodes = torch.cat((state.pending.view(1), torch.tensor([node.token for node in kept], dtype=torch.long,
+                                                                    device=device)))
+            positions = tree.positions(start)
+            shallow = model.forward_layers(model.embed(nodes[None]), cache, start, positions=positions,
+                                           tree_mask=tree.mask, layers=shallow_layers)
+            hidden = model.forward_layers(shallow, cache, start, positions=positions, tree_mask=tree.mask,
+                                          layers=deep_layers)
+            path, accepted = core.verify_tree(state, tree, model.logits(hidden)[0], nodes, cache)
+            behind = shallow[:, path[1:accepted + 1]] if accepted else None
         return state.result()
 
     # ---- hooks read by bench/ ------------------------------------------------------------------

@@ -342,13 +342,16 @@ class Transformer(nn.Module):
         return hidden.to(home)
 
     def forward_block(self, layer: DecoderLayer, hidden: torch.Tensor, cache: KVCache, start: int,
-                      cache_layer: int = 0) -> torch.Tensor:
+                      cache_layer: int = 0, positions: torch.Tensor | None = None,
+                      tree_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run an extra layer of this model's kind (e.g. Kangaroo's adapter) on [B, T, H] at slots
-        [start, start + T) of its own cache, with full (not sliding) attention and the global RoPE."""
+        [start, start + T) of its own cache, with full (not sliding) attention and the global RoPE;
+        `positions` and `tree_mask` as in forward_layers (a draft tree's nodes)."""
         T = hidden.shape[1]
-        positions = torch.arange(start, start + T, device=hidden.device)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=hidden.device)
         cache.positions[start:start + T] = positions
-        context = AttentionContext(self, cache, start, T, positions, None, hidden.dtype)
+        context = AttentionContext(self, cache, start, T, positions, tree_mask, hidden.dtype)
         return self.layer_forward(layer, hidden, context, cache_layer, sliding=False)
 
     def layer_forward(self, layer: DecoderLayer, hidden: torch.Tensor, context: "AttentionContext",

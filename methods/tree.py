@@ -116,3 +116,72 @@ class Tree:
         node) right behind the root's slot `start`."""
         if accepted:
             cache.move(start + path[1:accepted + 1], start + 1)
+
+
+# ---- growing a dynamic tree (EAGLE-2, Kangaroo's tree variant) -----------------------------------
+@dataclass
+class Grown:
+    """A candidate grown while drafting: its token, parent (an index into the grown list; -1 the
+    root), cumulative draft log-probability along its path, depth (1 = a child of the root), its
+    own log-probability given its parent, and its path of tokens after the root."""
+    token: int
+    parent: int
+    score: float
+    depth: int
+    own: float
+    path: tuple[int, ...]
+
+
+def grow(first: tuple[list[int], list[float]], expand, depth: int, top_k: int, total: int,
+         expandable=None) -> tuple[list[int], list[int], list[Grown]]:
+    """Grow a draft tree by cumulative draft probability and re-rank it to a verify budget.
+
+    `first`: the root's top-k candidate tokens and their log-probabilities. Then at each depth
+    2..`depth`, the `top_k` best frontier candidates (by cumulative log-probability, among those
+    `expandable(grown)` allows) are expanded in one call `expand(chosen, grown, mask, block)`:
+    `chosen` their indices into `grown`, `block` how many nodes were expanded before (their draft
+    entries come first, in expansion order) and `mask` [k, block + k] bool which of those earlier
+    nodes and chosen ones each chosen node sees (its expanded ancestors and itself). `expand`
+    returns each chosen node's top-k children as (token rows, log-probability rows). Growth stops
+    early when no frontier candidate may be expanded. Of everything grown, the best `total` - 1
+    (ties: the shallower first, so a parent precedes its child) form the tree.
+
+    Returns (parents, sibling ranks, kept): Tree.from_parents's arguments over the root and the
+    kept candidates, and the kept Grown entries in node order (node i + 1 = kept[i])."""
+    grown = [Grown(int(t), -1, float(s), 1, float(s), (int(t),)) for t, s in zip(*first)]
+    frontier = list(range(len(grown)))
+    expanded: list[int] = []  # the order of the drafter's entries for expanded nodes
+    for _ in range(2, depth + 1):
+        candidates = [node for node in frontier if expandable is None or expandable(grown[node])]
+        chosen = sorted(candidates, key=lambda node: -grown[node].score)[:top_k]
+        if not chosen:
+            break
+        slot_of = {node: i for i, node in enumerate(expanded)}
+        block = len(expanded)
+        mask = torch.zeros(len(chosen), block + len(chosen), dtype=torch.bool)
+        for row, node in enumerate(chosen):
+            mask[row, block + row] = True
+            parent = grown[node].parent
+            while parent >= 0:
+                mask[row, slot_of[parent]] = True
+                parent = grown[parent].parent
+        token_rows, score_rows = expand(chosen, grown, mask, block)
+        expanded += chosen
+        frontier = []
+        for node, tokens, scores in zip(chosen, token_rows, score_rows):
+            parent = grown[node]
+            for token, score in zip(tokens, scores):
+                frontier.append(len(grown))
+                grown.append(Grown(int(token), node, parent.score + float(score), parent.depth + 1, float(score),
+                                   parent.path + (int(token),)))
+    ranked = sorted(range(len(grown)), key=lambda node: (-grown[node].score, grown[node].depth))[:total - 1]
+    kept = sorted(ranked, key=lambda node: (grown[node].depth, -grown[node].score))  # parents before children
+    index = {node: i + 1 for i, node in enumerate(kept)}
+    parents = [-1] + [0 if grown[node].parent < 0 else index[grown[node].parent] for node in kept]
+    next_rank: dict[int, int] = {}
+    rank = [0]
+    for node in kept:
+        parent = parents[index[node]]
+        rank.append(next_rank.get(parent, 0))
+        next_rank[parent] = rank[-1] + 1
+    return parents, rank, [grown[node] for node in kept]

@@ -79,6 +79,92 @@ def test_oracle_drafts_give_exact_accept_lengths(name):
     assert max(expected) == 6 and 1 in expected[1:]
 
 
+TREE = {"tree": True, "threshold": 0.0, "steps": 3, "top_k": 2, "total_tokens": 11}  # 2 + 4 + 4 grown: all kept
+
+
+@pytest.mark.parametrize("options", [TREE, {"tree": True, "threshold": 0.0, "steps": 4, "top_k": 3, "total_tokens": 8},
+                                     {"tree": True, "draft_vocab": 64}])
+def test_tree_variant_lossless_on_tiny_models(tiny_model, options):
+    runtime = tiny_model.runtime
+    runtime.vocab_ranking = lambda: torch.arange(runtime.config.vocab_size).flip(0)
+    vanilla, kangaroo = get("vanilla")(runtime), get("kangaroo")(runtime, **options)
+    for prompt in PROMPTS:
+        ids = tiny_model.tokenizer.encode(prompt)
+        got = kangaroo.generate(ids, 30, tiny_model.stop_ids)
+        assert got.new_ids == vanilla.generate(ids, 30, tiny_model.stop_ids).new_ids
+        assert sum(got.accept_lengths) == len(got.new_ids)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-random", "tiny-gemma3-random"])
+def test_tree_variant_oracle_gives_exact_accept_lengths_and_both_caches_in_place(name):
+    """Candidates that rank the reference's next token first after every node on the reference
+    path (second, behind a wrong one, at a depth that changes with the step) and wrong tokens
+    elsewhere: every step accepts the whole depth. Afterwards the target's cache and the
+    adapter's cache hold exactly what a plain prefill of the same tokens writes."""
+    model = tiny(name)
+    runtime = model.runtime
+    ids = model.tokenizer.encode(PROMPTS[0])
+    reference = get("vanilla")(runtime).generate(ids, 40, []).new_ids
+    kangaroo = get("kangaroo")(runtime, **TREE)
+    steps = {"count": 0, "produced": None}
+
+    def candidates(adapted, paths, produced):
+        if produced != steps["produced"]:
+            steps["produced"] = produced
+            steps["count"] += 1
+        second_at = steps["count"] % 4  # the depth (1..3) whose right token ranks second; 0: none
+        tokens = torch.zeros(len(paths), 2, dtype=torch.long)
+        scores = torch.tensor([[-3.0, -4.0]]).repeat(len(paths), 1)
+        for row, path in enumerate(paths):
+            at = produced + len(path)
+            right = reference[at] if at < len(reference) else 0
+            wrong = (right + 1) % 200 + 4
+            tokens[row] = torch.tensor([wrong, (wrong + 1) % 200 + 4])
+            if tuple(reference[produced:at]) == path and at < len(reference):
+                if second_at == len(path) + 1:
+                    tokens[row], scores[row] = torch.tensor([wrong, right]), torch.tensor([-0.05, -0.1])
+                else:
+                    tokens[row], scores[row] = torch.tensor([right, wrong]), torch.tensor([0.0, -5.0])
+        return tokens, scores
+
+    kangaroo.candidates = candidates
+    got = kangaroo.generate(ids, 40, [])
+    assert got.new_ids == reference
+    expected, produced = [1], 1
+    while produced < len(reference):
+        accepted = min(3, len(reference) - produced - 1)
+        expected.append(accepted + 1)
+        produced += accepted + 1
+    assert got.accept_lengths == expected
+    tokens = ids + reference[:-1]
+    fresh = runtime.new_cache(len(tokens))
+    with torch.inference_mode():
+        runtime.forward(torch.tensor([tokens]), fresh, 0)
+        shallow = runtime.forward_layers(runtime.embed(torch.tensor([tokens])), runtime.new_cache(len(tokens)), 0,
+                                         layers=range(kangaroo.exit_layer))
+        adapter_fresh = runtime.new_cache(len(tokens), num_layers=1)
+        runtime.forward_block(kangaroo.adapter.layers[0], shallow, adapter_fresh, 0)
+    cache, adapter_cache = kangaroo.cache(len(tokens)), kangaroo.draft_cache("adapter", len(tokens), num_layers=1)
+    assert torch.allclose(cache.k[:, :, :, :len(tokens)], fresh.k, atol=1e-10)
+    assert torch.allclose(cache.v[:, :, :, :len(tokens)], fresh.v, atol=1e-10)
+    # the adapter's entries of the last step's accepted drafts are written when the next step starts
+    written = len(tokens) - (expected[-1] - 1)
+    assert torch.allclose(adapter_cache.k[:, :, :, :written], adapter_fresh.k[:, :, :, :written], atol=1e-10)
+    assert torch.allclose(adapter_cache.v[:, :, :, :written], adapter_fresh.v[:, :, :, :written], atol=1e-10)
+
+
+def test_tree_options_need_tree_true_and_sane_values():
+    runtime = tiny("tiny-llama-random").runtime
+    with pytest.raises(ValueError, match="add tree=true"):
+        get("kangaroo")(runtime, top_k=3)
+    with pytest.raises(ValueError, match="total_tokens must be at least 2"):
+        get("kangaroo")(runtime, tree=True, total_tokens=1)
+    with pytest.raises(ValueError, match="top_k and steps must be at least 1"):
+        get("kangaroo")(runtime, tree=True, top_k=0)
+    method = get("kangaroo")(runtime, tree=True)
+    assert (method.settings["top_k"], method.settings["total_tokens"]) == (4, 16)
+
+
 def test_overhead_counts_the_adapter_and_the_draft_head():
     model = tiny("tiny-llama-random")
     h = model.runtime.config.hidden_size

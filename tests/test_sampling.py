@@ -166,7 +166,8 @@ def power(statistic: float, df: int, alpha: float = 1e-3) -> float:
 SAMPLES = 1200
 PROMPT = [1, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7]  # every token recurs: prompt lookup always drafts
 VARIANTS = [("vanilla", {}), ("hf-generate", {}), ("pld", {}), ("kangaroo", {"threshold": 0.0, "steps": 2}),
-            ("medusa", {"tree": "small_7"}), ("eagle2", {"depth": 2, "top_k": 2, "total_tokens": 5})]
+            ("medusa", {"tree": "small_7"}), ("eagle2", {"depth": 2, "top_k": 2, "total_tokens": 5}),
+            ("kangaroo", {"tree": True, "threshold": 0.0, "steps": 2, "top_k": 2, "total_tokens": 5})]
 
 
 def sample_first_two(runtime, name: str, options: dict, temperature: float, samples: int = SAMPLES) -> torch.Tensor:
@@ -191,7 +192,7 @@ def runtime():
 
 
 @pytest.mark.parametrize("temperature", [0.6, 1.0])
-@pytest.mark.parametrize("name, options", VARIANTS, ids=[n for n, _ in VARIANTS])
+@pytest.mark.parametrize("name, options", VARIANTS, ids=[n + ("+tree" if o.get("tree") else "") for n, o in VARIANTS])
 def test_every_method_samples_the_target_distribution(runtime, name, options, temperature):
     expected = exact_first_two(runtime, PROMPT, temperature) * SAMPLES
     statistic, df, p_value = chi_square(sample_first_two(runtime, name, options, temperature), expected)
