@@ -1,8 +1,8 @@
 """EAGLE-2: a one-layer feature drafter that grows a dynamic draft tree (Li et al. 2024).
 
-The drafter reads the target's top-layer feature of token t (its final-normed hidden state, what
-the LM head reads) and the embedding of token t + 1, concatenated, through one projection (2h -> h,
-with bias), then one decoder layer of the target's kind without its input norm (as the published
+The drafter reads the embedding of token t + 1 and the target's top-layer feature of token t (its
+final-normed hidden state, what the LM head reads), concatenated in that order as the published
+EAGLE code does, through one projection (2h -> h, with bias), then one decoder layer of the target's kind without its input norm (as the published
 EAGLE weights), and predicts the feature of token t + 1, which the target's LM head scores for
 token t + 2. It keeps its own KV cache, one entry per committed position, and runs
 autoregressively on its own predicted features while drafting.
@@ -72,18 +72,35 @@ def drafter_forward(model: Transformer, drafter: EagleDrafter, features: torch.T
     if positions is None:
         positions = torch.arange(start, start + T, device=tokens.device)
     cache.positions[start:start + T] = positions
-    x = drafter.fc(torch.cat((features.to(model.dtype), model.embed(tokens)), dim=-1))
+    x = drafter.fc(torch.cat((model.embed(tokens), features.to(model.dtype)), dim=-1))  # EAGLE's order
     context = AttentionContext(model, cache, start, T, positions, tree_mask, x.dtype)
     return model.layer_forward(drafter.layers[0], x, context, 0, sliding=False)
 
 
+# What a published EAGLE file (yuhuili/EAGLE-Vicuna-7B-v1.3: config.json + pytorch_model.bin) may
+# hold beyond the drafter: the target's own embedding (the drafter uses the target's) and the rotary
+# table an older transformers saved as a buffer. Checked for shape, then dropped.
+PUBLISHED_EXTRAS = ("embed_tokens.weight", "layers.0.self_attn.rotary_emb.inv_freq")
+
+
 def load_drafter(folder, model: Transformer) -> tuple[EagleDrafter, dict]:
-    """Our checkpoint (model.safetensors, the names of EagleDrafter); every key must be present,
-    expected and of the right shape."""
+    """Our checkpoint (model.safetensors, the names of EagleDrafter) or a published EAGLE folder
+    (pytorch_model.bin, read with weights_only): every drafter tensor must be present and of the
+    right shape, and nothing else is accepted but PUBLISHED_EXTRAS (of the right shape). A
+    published config with "bias": false has no fc.bias (a zero bias here)."""
     config = checkpoints.read_config(folder)
-    state = checkpoints.read_tensors(folder, "pytorch_model.bin")
+    state = dict(checkpoints.read_tensors(folder, "pytorch_model.bin"))
     drafter = EagleDrafter(model).to(device=model.device, dtype=model.dtype)
-    checkpoints.check_shapes(state, {k: tuple(v.shape) for k, v in drafter.state_dict().items()}, folder)
+    expected = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
+    cfg = model.config
+    extras = {"embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+              "layers.0.self_attn.rotary_emb.inv_freq": (cfg.head_dim // 2,)}
+    present = {k: v for k, v in extras.items() if k in state}
+    if config.get("bias", True) is False and "fc.bias" not in state:
+        state["fc.bias"] = torch.zeros(cfg.hidden_size)
+    checkpoints.check_shapes(state, {**expected, **present}, folder)
+    for key in present:
+        del state[key]
     drafter.load_state_dict(state, strict=True)
     return drafter, config
 

@@ -2,6 +2,7 @@
 with an oracle drafter (and the target's KV entries in place), the tree's shape and options."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -170,3 +171,50 @@ def test_a_checkpoint_with_a_missing_or_misshapen_tensor_is_refused(tmp_path):
     checkpoints.save(tmp_path / "misshapen", broken, {"method": "eagle2"})
     with pytest.raises(ValueError, match="fc.weight"):
         eagle(runtime, drafter=str(tmp_path / "misshapen"))
+
+
+def test_a_published_eagle_folder_loads_and_reads_embedding_before_feature(tmp_path):
+    """A folder in the published EAGLE layout (config.json as the EAGLE repo's Llama configs, with
+    "bias"; pytorch_model.bin holding fc.weight/fc.bias, the layer without its input norm, the
+    target's embedding and an old rotary buffer) loads; fc reads [embedding, feature] in that order;
+    a stray tensor or a missing bias without "bias": false is refused."""
+    from methods.eagle import drafter_forward, random_drafter
+    model = tiny("tiny-llama-random")
+    runtime, cfg = model.runtime, model.runtime.config
+    torch.manual_seed(5)
+    drafter = random_drafter(runtime)
+    torch.nn.init.normal_(drafter.fc.weight, std=0.2)
+    torch.nn.init.normal_(drafter.fc.bias, std=0.2)
+    state = {k: v.clone() for k, v in drafter.state_dict().items()}
+    state["embed_tokens.weight"] = runtime.embed_tokens.weight.detach().clone()
+    state["layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(cfg.head_dim // 2)
+    folder = tmp_path / "EAGLE-tiny"
+    folder.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": cfg.hidden_size, "num_hidden_layers": 1,
+              "vocab_size": cfg.vocab_size, "bias": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(state, folder / "pytorch_model.bin")
+    method = eagle(runtime, drafter=str(folder), **SMALL)
+    assert all(torch.equal(method.drafter.state_dict()[k], drafter.state_dict()[k]) for k in drafter.state_dict())
+    # the projection sees the embedding of token t + 1 first, then the feature of token t
+    feature = torch.randn(1, 1, cfg.hidden_size, dtype=runtime.dtype)
+    token = torch.tensor([[7]])
+    seen = {}
+    method.drafter.fc.register_forward_hook(lambda module, args, out: seen.update(input=args[0].clone()))
+    with torch.inference_mode():
+        x = runtime.embed(token)
+        drafter_forward(runtime, method.drafter, feature, token, runtime.new_cache(4, num_layers=1), 0)
+    assert torch.equal(seen["input"], torch.cat((x, feature), dim=-1))
+    ids = model.tokenizer.encode(PROMPTS[1])
+    assert method.generate(ids, 16, []).new_ids == get("vanilla")(runtime).generate(ids, 16, []).new_ids
+    # no bias in the file: refused, unless the config says the projection has none
+    del state["fc.bias"]
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="missing tensors fc.bias"):
+        eagle(runtime, drafter=str(folder))
+    (folder / "config.json").write_text(json.dumps(dict(config, bias=False)))
+    assert torch.count_nonzero(eagle(runtime, drafter=str(folder)).drafter.fc.bias) == 0
+    state["layers.0.input_layernorm.weight"] = torch.ones(cfg.hidden_size)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="unexpected tensors layers.0.input_layernorm.weight"):
+        eagle(runtime, drafter=str(folder))
