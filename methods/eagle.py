@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods import Generation, Option, Sampling, checkpoints, core, register
+from methods import Generation, Option, ProfileTable, Sampling, StepCosts, checkpoints, core, register
 from methods.cache import AttentionContext
 from methods.drafter import Drafter
 from methods.products import Linear, set_matmul_path
@@ -223,6 +223,38 @@ class Eagle2(Drafter):
             root = self.draft_forward(normed[accepted_path][None], next_tokens, draft_cache, start)[:, -1:]
             (pending,) = state.new_ids[-1:]
         return state.result()
+
+    # ---- hooks read by bench/ ------------------------------------------------------------------
+    @classmethod
+    def profile(cls, runtime, cache, context, add):
+        """One drafter level over 1 and top_k nodes (drafter forward + its top-k over the draft
+        vocabulary) and the tree verification of total_tokens nodes, at the defaults."""
+        eagle = cls(runtime)
+        top_k, total = eagle.settings["top_k"], eagle.settings["total_tokens"]
+        draft_cache = eagle.draft_cache("drafter", cache.max_len, num_layers=1)
+        for k in sorted({1, top_k}):
+            features = torch.randn(1, k, runtime.config.hidden_size, dtype=runtime.dtype, device=runtime.device)
+            tokens = torch.ones(1, k, dtype=torch.long, device=runtime.device)
+
+            def level(features=features, tokens=tokens, k=k):
+                out = eagle.draft_forward(features, tokens, draft_cache, context)[0]
+                return eagle.candidates(out, [()] * k, 0)
+            add("eagle2_draft", k, level)
+        tree = Tree.full(total, top_k, runtime.device)
+        nodes = torch.ones(1, total, dtype=torch.long, device=runtime.device)
+        add("eagle2_verify", total, lambda: runtime.logits(runtime.forward_layers(
+            runtime.embed(nodes), cache, context, positions=tree.positions(context), tree_mask=tree.mask)).argmax(-1))
+
+    @classmethod
+    def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:
+        """At full depth: the root's candidates, depth - 1 levels of top_k nodes and the catch-up
+        (about one level of one node), then one tree verification of total_tokens."""
+        depth, top_k, total = (int(options.get(key) or 0) for key in ("depth", "top_k", "total_tokens"))
+        one, level = profile.ms("eagle2_draft", 1), profile.ms("eagle2_draft", top_k)
+        verify = profile.ms("eagle2_verify", total) or profile.forward(total)
+        if not depth or one is None or level is None or verify is None or profile.forward(1) is None:
+            return None
+        return StepCosts(depth, profile.forward(1), 2 * one + (depth - 1) * level, verify)
 
     # ---- training ------------------------------------------------------------------------------
     train_options = {"token_weight": Option(float, 0.1, "weight of the token distillation loss next to the "

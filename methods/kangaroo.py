@@ -289,6 +289,20 @@ class Kangaroo(Drafter):
                 adapted = runtime.forward_block(kangaroo.adapter.layers[0], feature, adapter_cache, context)
                 return kangaroo.propose(adapted, 0)[:2]
             add("kangaroo_draft" + (f"_vocab{draft_vocab}" if draft_vocab else ""), 1, draft_step)
+        tree_variant = cls(runtime, tree=True, draft_vocab=32768)  # the tree variant: one level, one verification
+        top_k, total = tree_variant.settings["top_k"], tree_variant.settings["total_tokens"]
+        tree_cache = tree_variant.draft_cache("adapter", cache.max_len, num_layers=1)
+        tokens = torch.ones(1, top_k, dtype=torch.long, device=runtime.device)
+
+        def tree_level(method=tree_variant, adapter_cache=tree_cache, shallow=range(0, tree_variant.exit_layer)):
+            features = runtime.forward_layers(runtime.embed(tokens), cache, context, layers=shallow)
+            adapted = runtime.forward_block(method.adapter.layers[0], features, adapter_cache, context)[0]
+            return method.candidates(adapted, [()] * top_k, 0)
+        add("kangaroo_tree_draft_vocab32768", top_k, tree_level)
+        tree = Tree.full(total, top_k, runtime.device)
+        nodes = torch.ones(1, total, dtype=torch.long, device=runtime.device)
+        add("kangaroo_tree_verify", total, lambda: runtime.logits(runtime.forward_layers(
+            runtime.embed(nodes), cache, context, positions=tree.positions(context), tree_mask=tree.mask)).argmax(-1))
         deep = range(kangaroo.exit_layer, runtime.config.num_layers)
         for k in (1, 2, 4, 8, 16):
             hidden = torch.randn(1, k, runtime.config.hidden_size, dtype=runtime.dtype, device=runtime.device)
@@ -329,6 +343,13 @@ class Kangaroo(Drafter):
     def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:
         gamma, vocab = int(options.get("steps") or 0), options.get("draft_vocab") or 0
         draft = profile.ms("kangaroo_draft" + (f"_vocab{vocab}" if vocab else ""))
+        if options.get("tree"):  # at full depth: the pending token, then steps - 1 levels of top_k
+            top_k, total = int(options.get("top_k") or 0), int(options.get("total_tokens") or 0)
+            level = profile.ms("kangaroo_tree_draft" + (f"_vocab{vocab}" if vocab else ""), top_k)
+            verify = profile.ms("kangaroo_tree_verify", total) or profile.forward(total)
+            if not gamma or draft is None or level is None or verify is None or profile.forward(1) is None:
+                return None
+            return StepCosts(gamma, profile.forward(1), draft + (gamma - 1) * level, verify)
         if not gamma or draft is None or profile.forward(1) is None:
             return None
         return StepCosts(gamma, profile.forward(1), gamma * draft, profile.forward(gamma + 1))

@@ -73,6 +73,12 @@ class Tree:
         parents = [-1] + [index[p[:-1]] if len(p) > 1 else 0 for p in paths]
         return cls.from_parents(parents, [0] + [p[-1] for p in paths], device)
 
+    @classmethod
+    def full(cls, size: int, width: int, device=None) -> "Tree":
+        """`size` nodes, each with up to `width` children, filled breadth first (a profile's
+        stand-in for a grown tree of that size)."""
+        return cls.from_parents([-1] + [(node - 1) // width for node in range(1, size)], device=device)
+
     # ---- using ------------------------------------------------------------------------------------
     @property
     def size(self) -> int:

@@ -66,7 +66,8 @@ def test_profile_command_writes_csv_json_and_plot(tmp_path, monkeypatch):
         rows = list(reader)
     components = {row["component"] for row in rows}
     assert {"forward", "floor", "lm_head", "stream_read_1gib", "peak_matmul", "kangaroo_draft",
-            "kangaroo_draft_vocab32768", "kangaroo_verify", "medusa_draft", "pld_lookup"} <= components
+            "kangaroo_draft_vocab32768", "kangaroo_verify", "kangaroo_tree_draft_vocab32768", "kangaroo_tree_verify",
+            "medusa_draft", "pld_lookup", "eagle2_draft", "eagle2_verify"} <= components
     assert any(c.startswith("medusa_verify_") for c in components)
     forward = {(int(r["k"]), int(r["context"])) for r in rows if r["component"] == "forward"}
     assert forward == {(k, c) for k in (1, 2, 4) for c in (16, 32)}
@@ -109,3 +110,11 @@ def test_step_costs_per_method():
     assert pld.draft_ms == 0.4 and pld.verify_ms == 60.0  # beyond the largest k: the last point
     assert step_costs(rows, "vanilla", {}) is None
     assert step_costs(rows, "medusa", {"num_heads": 4, "tree": "mc_sim_7b_63"}) is None
+    trees = (_rows("kangaroo_tree_draft_vocab32768", [(4, 12.0)]) + _rows("kangaroo_tree_verify", [(16, 70.0)])
+             + _rows("eagle2_draft", [(1, 3.0), (4, 5.0)]) + _rows("eagle2_verify", [(16, 66.0)]))
+    tree = step_costs(rows + trees, "kangaroo", {"steps": 6, "draft_vocab": 32768, "tree": True, "top_k": 4,
+                                                "total_tokens": 16})
+    assert (tree.gamma, tree.draft_ms, tree.verify_ms) == (6, 8.0 + 5 * 12.0, 70.0)
+    eagle = step_costs(rows + trees, "eagle2", {"depth": 4, "top_k": 4, "total_tokens": 16})
+    assert (eagle.gamma, eagle.draft_ms, eagle.verify_ms) == (4, 2 * 3.0 + 3 * 5.0, 66.0)
+    assert step_costs(rows + trees, "eagle2", {"depth": 4, "top_k": 10, "total_tokens": 60}) is None
