@@ -218,3 +218,15 @@ def test_a_published_eagle_folder_loads_and_reads_embedding_before_feature(tmp_p
     torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(ValueError, match="unexpected tensors layers.0.input_layernorm.weight"):
         eagle(runtime, drafter=str(folder))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-random", "tiny-gemma3-random"])
+def test_a_new_drafter_starts_by_predicting_the_current_feature(name):
+    from methods.eagle import drafter_forward, initial_drafter
+    runtime = tiny(name).runtime
+    drafter = initial_drafter(runtime)
+    features = torch.randn(1, 5, runtime.config.hidden_size, dtype=runtime.dtype)
+    tokens = torch.randint(4, 200, (1, 5))
+    with torch.no_grad():
+        out = drafter_forward(runtime, drafter, features, tokens, runtime.new_cache(5, num_layers=1), 0)
+    assert torch.allclose(out, features, atol=1e-12)
