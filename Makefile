@@ -44,7 +44,7 @@ TRAIN_MINUTES ?= 50
 # make regress: a small fixed sweep on the embedded model, compared with the committed results/regress.
 REGRESS_BASELINE := results/regress
 REGRESS_OUT ?= runs/regress
-REGRESS_METHODS := vanilla,pld,kangaroo,kangaroo+draft_vocab=32768,medusa
+REGRESS_METHODS := vanilla,pld,kangaroo,kangaroo+draft_vocab=0,medusa,eagle2
 # One short question per group, every method timed right after vanilla on each question (--order
 # question), because this host's speed drifts up to 2x within minutes. One question's speedup is
 # still at the mercy of a drift between two generations, so speedup is enforced on the overall

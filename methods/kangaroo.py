@@ -89,7 +89,8 @@ class Kangaroo(Drafter):
                                          "(default: the checkpoint's recommended, else 0.6 as the paper)"),
         "steps": Option(int, None, "gamma: at most this many drafts per step (default: the checkpoint's "
                                    "recommended, else 6)"),
-        "draft_vocab": Option(int, 0, "score drafts over the N most frequent tokens only (0: full vocabulary)"),
+        "draft_vocab": Option(int, None, "score drafts over the N most frequent tokens only (0: full vocabulary; "
+                                         "default: the checkpoint's recommended, else 0)"),
         "tree": Option(bool, False, "draft a dynamic tree (Kangaroo's NeurIPS variant): expand the top_k "
                                     "candidates of each depth by cumulative draft probability, each only while "
                                     "its own probability reaches threshold, for at most `steps` depths, and verify "
@@ -99,9 +100,12 @@ class Kangaroo(Drafter):
         "total_tokens": Option(int, None, "tree: tokens one verification scores, the pending one included "
                                           "(default: the checkpoint's recommended, else 60 on Vicuna, 16 elsewhere)"),
     }
-    default_sweep = ("kangaroo", "kangaroo+draft_vocab=32768")
+    # kangaroo at its tuned defaults, the paper's full-vocabulary draft (a twin of the first where
+    # that is the tuned default, and then skipped), and the tree variant
+    default_sweep = ("kangaroo", "kangaroo+draft_vocab=0", "kangaroo+tree=true")
     checkpoint_option, checkpoint_env, missing_hint = "adapter", "KANGAROO_ADAPTER", PUBLISHED_HINT
-    tuning_grid = tuple({"threshold": eta, "steps": steps} for eta in (0.2, 0.4, 0.6) for steps in (2, 4, 6))
+    tuning_grid = tuple({"threshold": eta, "steps": steps, "draft_vocab": vocab}
+                        for eta in (0.2, 0.4, 0.6) for steps in (4, 6) for vocab in (0, 32768))
     # threshold 0: an untrained adapter drafts at every step too, so verification of k tokens is exercised
     selftest_variants = ({}, {"threshold": 0.0}, {"tree": True, "threshold": 0.0})
 
@@ -134,7 +138,7 @@ class Kangaroo(Drafter):
             warnings.warn(f"kangaroo: the adapter was trained at exit layer {trained_exit}, used at {self.exit_layer}")
         self.adapter.requires_grad_(False).eval()
         set_matmul_path(self.adapter, model.matmul)
-        self.use_draft_vocab(self.settings["draft_vocab"])
+        self.use_draft_vocab(self.recommend("draft_vocab", 0))
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.adapter]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from methods import get
-from tests.conftest import PROMPTS, tiny
+from tests.conftest import PROMPTS, assert_lossless, tiny
 
 SMALL = {"depth": 3, "top_k": 2, "total_tokens": 11}  # 2 + 4 + 4 grown nodes: all kept
 
@@ -230,3 +230,27 @@ def test_a_new_drafter_starts_by_predicting_the_current_feature(name):
     with torch.no_grad():
         out = drafter_forward(runtime, drafter, features, tokens, runtime.new_cache(5, num_layers=1), 0)
     assert torch.allclose(out, features, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_lossless_on_the_embedded_model(embedded, questions_file):
+    """The committed drafter on the embedded model (its defaults: 32k draft vocabulary, a tree of
+    at most 16 tokens): a short prompt, a second turn and a > 512-token article."""
+    questions = [json.loads(line) for line in questions_file.open()]
+    multi = next(q for q in questions if len(q["turns"]) == 2)
+    article = next(q for q in questions if q["category"] == "summarization")
+    runtime = embedded.runtime
+    vanilla, method = get("vanilla")(runtime), get("eagle2")(runtime)
+    assert method.checkpoints and method.settings["draft_vocab"] == 32768
+    first = embedded.tokenizer.decode(vanilla.generate(embedded.prompt_ids(multi["turns"][:1], []), 16,
+                                                       embedded.stop_ids).new_ids).strip()
+    prompts = [embedded.prompt_ids(["What is the capital of France?"], []),
+               embedded.prompt_ids(multi["turns"], [first]), embedded.prompt_ids(article["turns"], [])]
+    assert len(prompts[-1]) > 512
+    outcomes, accepted = [], 0
+    for ids in prompts:
+        expected = vanilla.generate(ids, 24, embedded.stop_ids)
+        got = method.generate(ids, 24, embedded.stop_ids)
+        outcomes.append(assert_lossless(embedded, ids, expected.new_ids, got.new_ids))
+        accepted += sum(length - 1 for length in got.accept_lengths[1:])
+    assert outcomes.count("identical") >= 2 and accepted > 0  # the trained drafter's tokens are accepted

@@ -253,14 +253,14 @@ def test_training_saves_a_checkpoint_that_loads(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft_vocab", [0, 32768])
-def test_lossless_on_the_embedded_model(embedded, questions_file, draft_vocab):
+@pytest.mark.parametrize("draft_vocab, tree", [(0, False), (32768, False), (32768, True)])
+def test_lossless_on_the_embedded_model(embedded, questions_file, draft_vocab, tree):
     questions = [json.loads(line) for line in questions_file.open()]
     multi = next(q for q in questions if len(q["turns"]) == 2)
     article = next(q for q in questions if q["category"] == "summarization")
     runtime = embedded.runtime
     vanilla = get("vanilla")(runtime)
-    kangaroo = get("kangaroo")(runtime, threshold=0.0, steps=4, draft_vocab=draft_vocab)
+    kangaroo = get("kangaroo")(runtime, threshold=0.0, steps=4, draft_vocab=draft_vocab, tree=tree)
     first = embedded.tokenizer.decode(vanilla.generate(embedded.prompt_ids(multi["turns"][:1], []), 16,
                                                        embedded.stop_ids).new_ids).strip()
     prompts = [embedded.prompt_ids(["What is the capital of France?"], []),
@@ -271,7 +271,7 @@ def test_lossless_on_the_embedded_model(embedded, questions_file, draft_vocab):
         expected = vanilla.generate(ids, 24, embedded.stop_ids)
         got = kangaroo.generate(ids, 24, embedded.stop_ids)
         outcomes.append(assert_lossless(embedded, ids, expected.new_ids, got.new_ids))
-        assert max(got.draft_lengths) == 4
+        assert max(got.draft_lengths) == 4  # a tree: its depth
     assert outcomes.count("identical") >= 2
 
 
@@ -280,8 +280,13 @@ def test_checkpoint_recommendations_are_the_defaults(tmp_path):
     model = tiny("tiny-llama-random")
     adapter = KangarooAdapter(model.runtime).to(dtype=model.runtime.dtype)
     checkpoints.save(tmp_path / "ck", adapter.state_dict(), {"method": "kangaroo", "options": {"exit_layer": 3},
-                                                            "recommended": {"threshold": 0.3, "steps": 2}})
+                                                            "recommended": {"threshold": 0.3, "steps": 2,
+                                                                            "draft_vocab": 64}})
+    model.runtime.vocab_ranking = lambda: torch.arange(model.runtime.config.vocab_size).flip(0)
     method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"))
     assert (method.exit_layer, method.settings["threshold"], method.settings["steps"]) == (3, 0.3, 2)
+    assert method.settings["draft_vocab"] == 64 and method.head_ids.numel() == 64
+    method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"), draft_vocab=0)  # the paper's full head
+    assert method.settings["draft_vocab"] == 0 and method.head_ids is None
     method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"), threshold=0.9)
     assert method.settings["threshold"] == 0.9 and method.settings["steps"] == 2
