@@ -65,9 +65,9 @@ def random_drafter(model: Transformer) -> EagleDrafter:
 def initial_drafter(model: Transformer) -> EagleDrafter:
     """The starting point of a new drafter's training: it predicts that the next feature is the
     current one. fc passes the feature half through (identity), its embedding half and bias start
-    at zero; the layer is a copy of the target's last layer whose output projections
-    (o_proj, down_proj) are zero, so it adds nothing until trained (Kangaroo's adapter starts the
-    same way). Starting from the target's last layer as is puts the output on the residual
+    at zero; the layer is a copy of the target's last layer that adds nothing until trained: its
+    output projections (o_proj, down_proj) are zero, or on Gemma, whose post-attention and
+    post-feedforward norms would rescale any non-zero output to full size, those norms' scales. Starting from the target's last layer as is puts the output on the residual
     stream's scale, hundreds of times the normed feature's on Gemma 3 (RMS ~1,400 against ~4), and
     training spends its first half hour shrinking it."""
     drafter = random_drafter(model)
@@ -76,8 +76,12 @@ def initial_drafter(model: Transformer) -> EagleDrafter:
         drafter.fc.weight[:, hidden:] = torch.eye(hidden, dtype=drafter.fc.weight.dtype)
         drafter.fc.weight[:, :hidden] = 0
         layer = drafter.layers[0]
-        nn.init.zeros_(layer.self_attn.o_proj.weight)
-        nn.init.zeros_(layer.mlp.down_proj.weight)
+        if model.config.gemma:  # its post-norms rescale any non-zero input to full size: zero their scale instead
+            for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+                norm.weight.fill_(-1.0 if norm.plus_one else 0.0)
+        else:
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
     return drafter
 
 
