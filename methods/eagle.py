@@ -30,7 +30,7 @@ from methods.products import Linear, set_matmul_path
 from methods.runtime import DecoderLayer, Transformer
 from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
                            teacher_distribution, token_batches, train_loop)
-from methods.tree import Grown, Tree, grow as grow_tree
+from methods.tree import Grown, Tree, grow as grow_tree, verify_step
 
 VICUNA_DEFAULTS = {"depth": 6, "top_k": 10, "total_tokens": 60, "draft_vocab": 0}  # the EAGLE-2 paper's
 CPU_DEFAULTS = {"depth": 4, "top_k": 4, "total_tokens": 16, "draft_vocab": 32768}  # at most 16 verified tokens
@@ -266,10 +266,7 @@ class Eagle2(Drafter):
                 out = eagle.draft_forward(features, tokens, draft_cache, context)[0]
                 return eagle.candidates(out, [()] * k, 0)
             add("eagle2_draft", k, level)
-        tree = Tree.full(total, top_k, runtime.device)
-        nodes = torch.ones(1, total, dtype=torch.long, device=runtime.device)
-        add("eagle2_verify", total, lambda: runtime.logits(runtime.forward_layers(
-            runtime.embed(nodes), cache, context, positions=tree.positions(context), tree_mask=tree.mask)).argmax(-1))
+        add("eagle2_verify", total, verify_step(runtime, cache, context, Tree.full(total, top_k, runtime.device)))
 
     @classmethod
     def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:

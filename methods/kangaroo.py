@@ -25,7 +25,7 @@ from methods import Generation, Option, ProfileTable, Sampling, StepCosts, accep
 from methods.drafter import Drafter
 from methods.products import set_matmul_path
 from methods.runtime import DecoderLayer, RMSNorm, Transformer
-from methods.tree import Grown, Tree, grow as grow_tree
+from methods.tree import Grown, Tree, grow as grow_tree, verify_step
 from methods.train import (TrainingJob, candidate_head, chain_acceptance, precompute_features,
                            soft_distillation_loss, teacher_distribution, token_batches, train_loop)
 
@@ -303,10 +303,7 @@ class Kangaroo(Drafter):
             adapted = runtime.forward_block(method.adapter.layers[0], features, adapter_cache, context)[0]
             return method.candidates(adapted, [()] * top_k, 0)
         add("kangaroo_tree_draft_vocab32768", top_k, tree_level)
-        tree = Tree.full(total, top_k, runtime.device)
-        nodes = torch.ones(1, total, dtype=torch.long, device=runtime.device)
-        add("kangaroo_tree_verify", total, lambda: runtime.logits(runtime.forward_layers(
-            runtime.embed(nodes), cache, context, positions=tree.positions(context), tree_mask=tree.mask)).argmax(-1))
+        add("kangaroo_tree_verify", total, verify_step(runtime, cache, context, Tree.full(total, top_k, runtime.device)))
         deep = range(kangaroo.exit_layer, runtime.config.num_layers)
         for k in (1, 2, 4, 8, 16):
             hidden = torch.randn(1, k, runtime.config.hidden_size, dtype=runtime.dtype, device=runtime.device)

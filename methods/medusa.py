@@ -24,7 +24,7 @@ from methods.products import Linear, set_matmul_path
 from methods.runtime import Transformer
 from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
                            teacher_distribution, token_batches, train_loop)
-from methods.tree import Tree
+from methods.tree import Tree, verify_step
 
 TREES = Path(__file__).resolve().parent / "trees"
 PUBLISHED = {"vicuna-7b": "FasterDecoding/medusa-vicuna-7b-v1.3", "vicuna-13b": "FasterDecoding/medusa-vicuna-13b-v1.3",
@@ -217,13 +217,7 @@ class Medusa(Drafter):
             medusa = cls(runtime, tree=name)
             if name == cls.PROFILED_TREES[0]:
                 add("medusa_draft", 1, lambda medusa=medusa: medusa.propose(normed, 0))
-            nodes = torch.zeros(1, medusa.tree.size, dtype=torch.long, device=runtime.device)
-
-            def verify(tree=medusa.tree, nodes=nodes):
-                hidden = runtime.forward_layers(runtime.embed(nodes), cache, context,
-                                                positions=tree.positions(context), tree_mask=tree.mask)
-                return runtime.lm_head(runtime.norm(hidden)).argmax(-1)
-            add(f"medusa_verify_{name}", medusa.tree.size, verify)
+            add(f"medusa_verify_{name}", medusa.tree.size, verify_step(runtime, cache, context, medusa.tree))
 
     train_options = {"num_heads": Option(int, 4, "heads to train (head k predicts the token k + 1 ahead)")}
 

@@ -191,3 +191,12 @@ def grow(first: tuple[list[int], list[float]], expand, depth: int, top_k: int, t
         rank.append(next_rank.get(parent, 0))
         next_rank[parent] = rank[-1] + 1
     return parents, rank, [grown[node] for node in kept]
+
+
+def verify_step(runtime, cache, context: int, tree: Tree):
+    """A profile's tree verification: one target forward over `tree`'s nodes after a prefix of
+    `context` tokens, with the tree's positions and mask, and the greedy token after each node."""
+    nodes = torch.ones(1, tree.size, dtype=torch.long, device=runtime.device)
+    return lambda: runtime.logits(runtime.forward_layers(runtime.embed(nodes), cache, context,
+                                                         positions=tree.positions(context),
+                                                         tree_mask=tree.mask)).argmax(-1)

@@ -87,3 +87,43 @@ def assert_lossless(model, prompt_ids: list[int], expected: list[int], got: list
     assert verdict == "near_tie", \
         f"diverged at new token {index}: expected {expected[index]}, got {got[index]} (logit gap {gap:.3g} >= {allowed:.3g})"
     return verdict
+
+
+def oracle_tree_candidates(reference: list[int]):
+    """A tree drafter's `candidates(outputs, paths, produced)` that knows `reference` (vanilla's
+    tokens): after a node on the reference path it ranks the reference's next token first (second,
+    behind a wrong one, at a depth 1..3 that changes with the step), wrong tokens elsewhere. With a
+    tree of top-2 children 3 deep, every step accepts the whole depth (oracle_tree_accept_lengths)."""
+    steps = {"count": 0, "produced": None}
+
+    def candidates(outputs, paths, produced):
+        if produced != steps["produced"]:
+            steps["produced"] = produced
+            steps["count"] += 1
+        second_at = steps["count"] % 4  # the depth (1..3) whose right token ranks second; 0: none
+        tokens = torch.zeros(len(paths), 2, dtype=torch.long)
+        scores = torch.tensor([[-3.0, -4.0]]).repeat(len(paths), 1)
+        for row, path in enumerate(paths):
+            at = produced + len(path)
+            right = reference[at] if at < len(reference) else 0
+            wrong = (right + 1) % 200 + 4
+            tokens[row] = torch.tensor([wrong, (wrong + 1) % 200 + 4])
+            if tuple(reference[produced:at]) == path and at < len(reference):
+                if second_at == len(path) + 1:
+                    tokens[row], scores[row] = torch.tensor([wrong, right]), torch.tensor([-0.05, -0.1])
+                else:
+                    tokens[row], scores[row] = torch.tensor([right, wrong]), torch.tensor([0.0, -5.0])
+        return tokens, scores
+
+    return candidates
+
+
+def oracle_tree_accept_lengths(reference: list[int], depth: int = 3) -> list[int]:
+    """The accept_lengths of oracle_tree_candidates over `reference`: the prefill's token, then
+    every step the whole depth and the target's token, as far as the reference goes."""
+    expected, produced = [1], 1
+    while produced < len(reference):
+        accepted = min(depth, len(reference) - produced - 1)
+        expected.append(accepted + 1)
+        produced += accepted + 1
+    return expected

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from methods import get
-from tests.conftest import PROMPTS, assert_lossless, tiny
+from tests.conftest import PROMPTS, assert_lossless, oracle_tree_accept_lengths, oracle_tree_candidates, tiny
 
 SMALL = {"depth": 3, "top_k": 2, "total_tokens": 11}  # 2 + 4 + 4 grown nodes: all kept
 
@@ -62,37 +62,10 @@ def test_oracle_drafter_gives_exact_accept_lengths_and_kv_in_place(name):
     ids = model.tokenizer.encode(PROMPTS[0])
     reference = get("vanilla")(runtime).generate(ids, 40, []).new_ids
     method = eagle(runtime, **SMALL)
-    steps = {"count": 0, "produced": None}
-
-    def candidates(outputs, paths, produced):
-        if produced != steps["produced"]:
-            steps["produced"] = produced
-            steps["count"] += 1
-        second_at = steps["count"] % 4  # the depth (1..3) whose right token ranks second; 0: none
-        tokens = torch.zeros(len(paths), 2, dtype=torch.long)
-        scores = torch.tensor([[-3.0, -4.0]]).repeat(len(paths), 1)
-        for row, path in enumerate(paths):
-            at = produced + len(path)
-            right = reference[at] if at < len(reference) else 0
-            wrong = (right + 1) % 200 + 4
-            tokens[row] = torch.tensor([wrong, (wrong + 1) % 200 + 4])
-            if tuple(reference[produced:at]) == path and at < len(reference):
-                if second_at == len(path) + 1:
-                    tokens[row] = torch.tensor([wrong, right])
-                    scores[row] = torch.tensor([-0.05, -0.1])
-                else:
-                    tokens[row] = torch.tensor([right, wrong])
-                    scores[row] = torch.tensor([0.0, -5.0])
-        return tokens, scores
-
-    method.candidates = candidates
+    method.candidates = oracle_tree_candidates(reference)
     got = method.generate(ids, 40, [])
     assert got.new_ids == reference
-    expected, produced = [1], 1
-    while produced < len(reference):
-        accepted = min(3, len(reference) - produced - 1)
-        expected.append(accepted + 1)
-        produced += accepted + 1
+    expected = oracle_tree_accept_lengths(reference)
     assert got.accept_lengths == expected
     # the target's cache holds exactly what a plain prefill of the same tokens writes
     tokens = ids + reference[:-1]

@@ -9,7 +9,7 @@ import torch
 
 from methods import MissingCheckpoint, get
 from methods.kangaroo import KangarooAdapter, load_adapter
-from tests.conftest import PROMPTS, assert_lossless, tiny
+from tests.conftest import PROMPTS, assert_lossless, oracle_tree_accept_lengths, oracle_tree_candidates, tiny
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])
@@ -106,35 +106,10 @@ def test_tree_variant_oracle_gives_exact_accept_lengths_and_both_caches_in_place
     ids = model.tokenizer.encode(PROMPTS[0])
     reference = get("vanilla")(runtime).generate(ids, 40, []).new_ids
     kangaroo = get("kangaroo")(runtime, **TREE)
-    steps = {"count": 0, "produced": None}
-
-    def candidates(adapted, paths, produced):
-        if produced != steps["produced"]:
-            steps["produced"] = produced
-            steps["count"] += 1
-        second_at = steps["count"] % 4  # the depth (1..3) whose right token ranks second; 0: none
-        tokens = torch.zeros(len(paths), 2, dtype=torch.long)
-        scores = torch.tensor([[-3.0, -4.0]]).repeat(len(paths), 1)
-        for row, path in enumerate(paths):
-            at = produced + len(path)
-            right = reference[at] if at < len(reference) else 0
-            wrong = (right + 1) % 200 + 4
-            tokens[row] = torch.tensor([wrong, (wrong + 1) % 200 + 4])
-            if tuple(reference[produced:at]) == path and at < len(reference):
-                if second_at == len(path) + 1:
-                    tokens[row], scores[row] = torch.tensor([wrong, right]), torch.tensor([-0.05, -0.1])
-                else:
-                    tokens[row], scores[row] = torch.tensor([right, wrong]), torch.tensor([0.0, -5.0])
-        return tokens, scores
-
-    kangaroo.candidates = candidates
+    kangaroo.candidates = oracle_tree_candidates(reference)
     got = kangaroo.generate(ids, 40, [])
     assert got.new_ids == reference
-    expected, produced = [1], 1
-    while produced < len(reference):
-        accepted = min(3, len(reference) - produced - 1)
-        expected.append(accepted + 1)
-        produced += accepted + 1
+    expected = oracle_tree_accept_lengths(reference)
     assert got.accept_lengths == expected
     tokens = ids + reference[:-1]
     fresh = runtime.new_cache(len(tokens))
