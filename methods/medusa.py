@@ -196,13 +196,13 @@ class Medusa(Drafter):
         cache = self.cache(len(prompt_ids) + max_new_tokens + tree.size + 1)
         hidden = model.forward_layers(model.embed(core.prompt_tensor(prompt_ids, model.device)), cache, 0)
         normed = model.norm(hidden[0, -1])  # [H]
-        core.commit_first(state, model.lm_head(normed))
+        core.commit_first(state, model.head_logits(normed))
         while not state.done:
             nodes = torch.cat((state.pending.view(1), self.propose(normed, len(state.new_ids))))  # [n]
             hidden = model.forward_layers(model.embed(nodes[None]), cache, state.length,
                                           positions=tree.positions(state.length), tree_mask=tree.mask)  # [1, n, H]
             normed_nodes = model.norm(hidden[0])  # [n, H]
-            path, accepted = core.verify_tree(state, tree, model.lm_head(normed_nodes[None])[0], nodes, cache)
+            path, accepted = core.verify_tree(state, tree, model.head_logits(normed_nodes[None])[0], nodes, cache)
             normed = normed_nodes[path[accepted:accepted + 1]][0]  # the last accepted node's state (no sync)
         return state.result()
 

@@ -212,3 +212,21 @@ def test_planted_bugs_fail_the_chi_square_test(runtime, bug, monkeypatch):
     statistic, df, p_value = chi_square(sample_first_two(runtime, name, options, 1.0), expected)
     print(f"planted bug {bug!r}: chi-square {statistic:.1f} on {df} df, p {p_value:.2e}, power {power(statistic, df):.3f}")
     assert p_value < 1e-3 and power(statistic, df) > 0.99, (bug, statistic, df, p_value)
+
+
+@pytest.fixture(scope="module")
+def softcapped():
+    """The sampling model with a final-logit soft cap (Gemma 2's kind), tight enough to reshape p."""
+    model = sampling_model("llama")
+    model.config.final_logit_softcapping = 1.0
+    return model
+
+
+@pytest.mark.parametrize("name, options", VARIANTS[2:], ids=[n + ("+tree" if o.get("tree") else "") for n, o in VARIANTS[2:]])
+def test_speculative_methods_sample_softcapped_logits(softcapped, name, options):
+    """Every method scores the target with the soft cap it decodes with (model.head_logits):
+    verifying against the uncapped LM head samples a sharper distribution than vanilla's."""
+    expected = exact_first_two(softcapped, PROMPT, 1.0) * SAMPLES
+    statistic, df, p_value = chi_square(sample_first_two(softcapped, name, options, 1.0), expected)
+    print(f"{name} with a soft cap: chi-square {statistic:.1f} on {df} df, p {p_value:.3f}")
+    assert p_value > 1e-3, (name, statistic, df, p_value)
