@@ -132,13 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("tune", help="pick a drafter checkpoint's default options by measured throughput",
                                description="Decodes held-out ShareGPT prompts with vanilla and each option variant "
-                               "(Medusa: trees; Kangaroo: threshold x steps x draft vocabulary; EAGLE-2: depth x "
-                               "top_k x total_tokens), each right after a vanilla run on the same prompts, and records "
+                               "(Medusa: trees; Kangaroo: threshold x steps x draft vocabulary, and with --variant tree: "
+                               "threshold x steps x top_k x total_tokens; EAGLE-2: depth x top_k x total_tokens), each right after a vanilla run on the same prompts, and records "
                                "the one with the best speedup as the checkpoint's recommended defaults, with the table, "
                                "in its config.json. Run it on a quiet machine: it measures speed.")
     tune.add_argument("--model", default="gemma-3-270m")
     tune.add_argument("--method", required=True, choices=[n for n, m in methods.available().items() if m.tuning_grid])
     tune.add_argument("--checkpoint", help="checkpoint folder [methods/checkpoints/MODEL/METHOD]")
+    tune.add_argument("--variant", help="tune a variant apart, with its option on (kangaroo: tree); its best is "
+                      "stored as recommended[VARIANT] and used only with that option on [the method itself]")
     tune.add_argument("--device", default="auto")
     tune.add_argument("--dtype", default="auto")
 
@@ -271,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             from bench.training import default_checkpoint_folder, tune
             model = load_model(args.model, args.device, args.dtype)
             folder = Path(args.checkpoint) if args.checkpoint else default_checkpoint_folder(model.alias, args.method)
-            config = tune(model, args.method, folder)
-            print(f"recommended for {folder}: {config['recommended']}")
+            config = tune(model, args.method, folder, variant=args.variant)
+            recommended = config["recommended"]
+            print(f"recommended for {folder}: {recommended.get(args.variant) if args.variant else recommended}")
         elif args.command == "profile":
             from pathlib import Path
 

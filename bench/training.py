@@ -132,15 +132,25 @@ def held_out_prompts(model: LoadedModel, count: int) -> list[list[int]]:
     return prompts
 
 
-def tune(model: LoadedModel, method: str, folder: Path, prompt_count: int = 6, max_new_tokens: int = 64) -> dict:
+def tune(model: LoadedModel, method: str, folder: Path, prompt_count: int = 6, max_new_tokens: int = 64,
+         variant: str | None = None) -> dict:
     """Decode held-out ShareGPT prompts (never Spec-Bench's) with every option variant of the
     method's `tuning_grid`, each right after vanilla on the same prompts, and write the variant with
     the best speedup over its own vanilla run into the checkpoint's config.json as `recommended`
     (the method's defaults), with the whole table as evidence. Pairing each variant with an
     adjacent vanilla run keeps a drift of the machine's speed (a shared host) out of the choice.
+    With `variant` (a boolean option of `variant_tuning_grids`, e.g. Kangaroo's tree), that
+    option's grid is timed with the option on, and the best lands in `recommended[variant]`.
     Returns the updated config."""
     cls = methods.get(method)
-    if not cls.tuning_grid:
+    if variant is not None:
+        if variant not in cls.variant_tuning_grids:
+            raise UserError(f"{method} has no separately tuned variant {variant!r}; "
+                            f"variants: {', '.join(cls.variant_tuning_grids) or 'none'}")
+        grid, fixed = cls.variant_tuning_grids[variant], {variant: True}
+    else:
+        grid, fixed = cls.tuning_grid, {}
+    if not grid:
         raise UserError(f"{method} has no tuning grid; tunable: "
                         f"{', '.join(n for n, m in methods.available().items() if m.tuning_grid)}")
     pick_matmul_path(model.runtime, "auto")  # tune on the path the benchmark decodes with
@@ -159,21 +169,24 @@ def tune(model: LoadedModel, method: str, folder: Path, prompt_count: int = 6, m
 
     vanilla = methods.get("vanilla")(model.runtime)
     rows = []
-    for variant in cls.tuning_grid:
+    label = method + (f"+{variant}=true" if variant else "")
+    for options in grid:
         baseline, _ = measure(vanilla)
-        decoder = cls(model.runtime, **{cls.checkpoint_option: str(folder)}, **variant)
+        decoder = cls(model.runtime, **{cls.checkpoint_option: str(folder)}, **fixed, **options)
         speed, tau = measure(decoder)
-        rows.append({"options": variant, "tokens_per_s": round(speed, 2), "vanilla_tokens_per_s": round(baseline, 2),
+        rows.append({"options": options, "tokens_per_s": round(speed, 2), "vanilla_tokens_per_s": round(baseline, 2),
                      "tau": round(tau, 3), "speedup": round(speed / baseline, 3)})
-        print(f"[tune] {method} {variant}: {speed:.2f} tok/s (vanilla just before: {baseline:.2f}), tau {tau:.2f}, "
+        print(f"[tune] {label} {options}: {speed:.2f} tok/s (vanilla just before: {baseline:.2f}), tau {tau:.2f}, "
               f"speedup {speed / baseline:.2f}", file=sys.stderr)
     best = max(rows, key=lambda row: row["speedup"])
     config = checkpoints.read_config(folder)
-    config.setdefault("recommended", {}).update(best["options"])
-    config["provenance"]["tuning"] = {
+    recommended = config.setdefault("recommended", {})
+    (recommended.setdefault(variant, {}) if variant else recommended).update(best["options"])
+    config["provenance"]["tuning" + (f"_{variant}" if variant else "")] = {
         "prompts": f"{len(prompts)} held-out ShareGPT first turns, {max_new_tokens} new tokens, greedy",
         "pairing": "each variant right after a vanilla run on the same prompts; speedup against that run",
-        "matmul": model.runtime.matmul, "hardware": hardware()["name"], "results": rows}
+        "matmul": model.runtime.matmul, "hardware": hardware()["name"], **({"fixed": fixed} if fixed else {}),
+        "results": rows}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
 

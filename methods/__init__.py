@@ -146,6 +146,9 @@ class Method:
     - `train(job)`: train a checkpoint for `bench train` (methods/train.py's TrainingJob);
     - `tuning_grid`: option variants `bench tune` times on held-out prompts; the fastest becomes
       the checkpoint's recommended defaults, read back through `checkpoint_option`;
+    - `variant_tuning_grids`: {boolean option: grid} for variants tuned apart (Kangaroo's
+      `tree`): `bench tune --variant NAME` stores the best as `recommended[NAME]`, which the
+      checkpoint's defaults take only while that option is on;
     - `selftest_variants`: the option variants the lossless suite (tests, `gpu-check`) runs;
     - `verifies_every_step`: options under which the method verifies several tokens at (nearly)
       every step, so that planted verification bugs must show in its output (None: not checked).
@@ -155,6 +158,7 @@ class Method:
     description: ClassVar[str] = ""
     default_sweep: ClassVar[tuple[str, ...]] = ()
     tuning_grid: ClassVar[tuple[dict, ...]] = ()
+    variant_tuning_grids: ClassVar[dict[str, tuple[dict, ...]]] = {}
     checkpoint_option: ClassVar[str] = ""
     selftest_variants: ClassVar[tuple[dict, ...]] = ({},)
     verifies_every_step: ClassVar[dict | None] = None

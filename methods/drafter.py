@@ -83,8 +83,14 @@ class Drafter(Method):
 
     @property
     def recommended(self) -> dict:
-        """The checkpoint's tuned defaults (`bench tune` writes them)."""
-        return self.checkpoint_config.get("recommended", {})
+        """The checkpoint's tuned defaults (`bench tune` writes them): the method's own, overlaid
+        with those of a separately tuned variant (`variant_tuning_grids`) whose option is on."""
+        stored = self.checkpoint_config.get("recommended", {})
+        merged = {key: value for key, value in stored.items() if key not in self.variant_tuning_grids}
+        for variant in self.variant_tuning_grids:
+            if self.settings.get(variant):
+                merged.update(stored.get(variant) or {})
+        return merged
 
     def recommend(self, key: str, paper_default: Any) -> Any:
         """Fill an option left unset: the checkpoint's recommended value, else the paper's default."""

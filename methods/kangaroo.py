@@ -106,6 +106,12 @@ class Kangaroo(Drafter):
     checkpoint_option, checkpoint_env, missing_hint = "adapter", "KANGAROO_ADAPTER", PUBLISHED_HINT
     tuning_grid = tuple({"threshold": eta, "steps": steps, "draft_vocab": vocab}
                         for eta in (0.2, 0.4, 0.6) for steps in (4, 6) for vocab in (0, 32768))
+    # the tree variant's own defaults (`bench tune --method kangaroo --variant tree`); its draft
+    # vocabulary is the chain's tuned one. On the CPU a verification past ~8 tokens costs well over
+    # a step, so the grid stays at small trees; on a GPU tune with a larger grid.
+    variant_tuning_grids = {"tree": tuple({"threshold": eta, "steps": steps, "top_k": top_k, "total_tokens": total}
+                                          for eta in (0.2, 0.4) for steps in (3, 4) for top_k in (2, 4)
+                                          for total in (6, 8))}
     # threshold 0: an untrained adapter drafts at every step too, so verification of k tokens is exercised
     selftest_variants = ({}, {"threshold": 0.0}, {"tree": True, "threshold": 0.0})
 

@@ -9,6 +9,7 @@ import torch
 
 import methods
 from bench import data, distill
+from bench.errors import UserError
 from bench.__main__ import main
 from tests.conftest import tiny
 
@@ -148,3 +149,18 @@ def test_tune_pairs_every_variant_with_a_vanilla_run_and_keeps_the_best_speedup(
     assert all(abs(row["speedup"] - row["tokens_per_s"] / row["vanilla_tokens_per_s"]) < 0.01 for row in rows)
     best = max(rows, key=lambda row: row["speedup"])["options"]
     assert {k: config["recommended"][k] for k in best} == best
+    # a variant tuned apart: its grid runs with the option on, its best lands under its name only
+    monkeypatch.setattr(methods.get("kangaroo"), "variant_tuning_grids",
+                        {"tree": ({"threshold": 0.0, "steps": 2, "top_k": 2, "total_tokens": 3},
+                                  {"threshold": 0.0, "steps": 3, "top_k": 3, "total_tokens": 6})})
+    try:
+        tuned = training.tune(model, "kangaroo", tmp_path / "ckpt", max_new_tokens=6, variant="tree")
+    finally:
+        model.runtime.set_matmul("torch")
+    tree_rows = tuned["provenance"]["tuning_tree"]["results"]
+    # (top_k without tree=true raises, so these rows ran with the option on)
+    assert len(tree_rows) == 2 and tuned["provenance"]["tuning_tree"]["fixed"] == {"tree": True}
+    assert tuned["recommended"]["tree"] == max(tree_rows, key=lambda row: row["speedup"])["options"]
+    assert {k: tuned["recommended"][k] for k in best} == best  # the chain's defaults untouched
+    with pytest.raises(UserError, match="variant"):
+        training.tune(model, "kangaroo", tmp_path / "ckpt", variant="nope")

@@ -256,7 +256,9 @@ def test_checkpoint_recommendations_are_the_defaults(tmp_path):
     adapter = KangarooAdapter(model.runtime).to(dtype=model.runtime.dtype)
     checkpoints.save(tmp_path / "ck", adapter.state_dict(), {"method": "kangaroo", "options": {"exit_layer": 3},
                                                             "recommended": {"threshold": 0.3, "steps": 2,
-                                                                            "draft_vocab": 64}})
+                                                                            "draft_vocab": 64,
+                                                                            "tree": {"threshold": 0.1, "top_k": 3,
+                                                                                     "total_tokens": 7}}})
     model.runtime.vocab_ranking = lambda: torch.arange(model.runtime.config.vocab_size).flip(0)
     method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"))
     assert (method.exit_layer, method.settings["threshold"], method.settings["steps"]) == (3, 0.3, 2)
@@ -265,3 +267,7 @@ def test_checkpoint_recommendations_are_the_defaults(tmp_path):
     assert method.settings["draft_vocab"] == 0 and method.head_ids is None
     method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"), threshold=0.9)
     assert method.settings["threshold"] == 0.9 and method.settings["steps"] == 2
+    # the tree variant's own tuned defaults apply only with tree=true, over the chain's
+    method = get("kangaroo")(model.runtime, adapter=str(tmp_path / "ck"), tree=True)
+    assert {k: method.settings[k] for k in ("threshold", "steps", "top_k", "total_tokens", "draft_vocab")} == \
+        {"threshold": 0.1, "steps": 2, "top_k": 3, "total_tokens": 7, "draft_vocab": 64}
