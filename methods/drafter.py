@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from methods import Method, MissingCheckpoint, Overhead, checkpoints
-from methods.products import Linear, module_bytes
+from methods.products import Linear, module_bytes, set_matmul_path
 from methods.runtime import Transformer
 
 
@@ -97,6 +97,16 @@ class Drafter(Method):
         if self.settings.get(key) is None:
             self.settings[key] = self.recommended.get(key, paper_default)
         return self.settings[key]
+
+    def ready(self, draft_vocab: int | None) -> None:
+        """A constructor's last step: freeze the trained modules, route their products through the
+        target's matmul path, and pick the draft head over `draft_vocab` words (None: the method
+        scores with heads of its own)."""
+        for module in self.trained_modules():
+            module.requires_grad_(False).eval()
+            set_matmul_path(module, self.model.matmul)
+        if draft_vocab is not None:
+            self.use_draft_vocab(draft_vocab)
 
     def use_draft_vocab(self, size: int) -> None:
         """Score drafts with the LM head's rows of the `size` most frequent tokens (0: the full head).

@@ -26,7 +26,7 @@ from torch import nn
 from methods import Generation, Option, ProfileTable, Sampling, StepCosts, checkpoints, core, register
 from methods.cache import AttentionContext
 from methods.drafter import Drafter
-from methods.products import Linear, set_matmul_path
+from methods.products import Linear
 from methods.runtime import DecoderLayer, Transformer
 from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
                            teacher_distribution, token_batches, train_loop)
@@ -168,9 +168,7 @@ class Eagle2(Drafter):
         if self.settings["total_tokens"] < 2:
             raise ValueError(f"eagle2: total_tokens must be at least 2 (the pending token and one draft), "
                              f"not {self.settings['total_tokens']}")
-        self.drafter.requires_grad_(False).eval()
-        set_matmul_path(self.drafter, model.matmul)
-        self.use_draft_vocab(self.settings["draft_vocab"])
+        self.ready(self.settings["draft_vocab"])
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.drafter]

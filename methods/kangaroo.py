@@ -23,7 +23,6 @@ from torch import nn
 
 from methods import Generation, Option, ProfileTable, Sampling, StepCosts, acceptance, checkpoints, core, register
 from methods.drafter import Drafter
-from methods.products import set_matmul_path
 from methods.runtime import DecoderLayer, RMSNorm, Transformer
 from methods.tree import Grown, Tree, grow as grow_tree, verify_step
 from methods.train import (TrainingJob, candidate_head, chain_acceptance, precompute_features,
@@ -142,9 +141,7 @@ class Kangaroo(Drafter):
             raise ValueError(f"kangaroo: exit_layer must be in 1..{model.config.num_layers - 1}")
         if trained_exit and self.exit_layer != trained_exit:
             warnings.warn(f"kangaroo: the adapter was trained at exit layer {trained_exit}, used at {self.exit_layer}")
-        self.adapter.requires_grad_(False).eval()
-        set_matmul_path(self.adapter, model.matmul)
-        self.use_draft_vocab(self.recommend("draft_vocab", 0))
+        self.ready(self.recommend("draft_vocab", 0))
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.adapter]

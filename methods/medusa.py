@@ -20,7 +20,7 @@ from methods import (Generation, MissingCheckpoint, Option, ProfileTable, Sampli
                      register)
 from methods.acceptance import GREEDY, rule_for
 from methods.drafter import Drafter
-from methods.products import Linear, set_matmul_path
+from methods.products import Linear
 from methods.runtime import Transformer
 from methods.train import (TrainingJob, candidate_head, precompute_features, soft_distillation_loss,
                            teacher_distribution, token_batches, train_loop)
@@ -151,14 +151,11 @@ class Medusa(Drafter):
         # 5-head file never computes the fifth head's 32000 x 4096 product
         self.heads = self.heads[:self.tree.max_depth]
         settings["num_heads"] = len(self.heads)
-        self.heads.requires_grad_(False).eval()
-        set_matmul_path(self.heads, model.matmul)
         if settings["accept"] not in ("exact", "typical"):
             raise ValueError(f"accept must be exact or typical, not {settings['accept']!r}")
-        if shared:
-            self.use_draft_vocab(settings["draft_vocab"])
-        elif settings["draft_vocab"]:
+        if settings["draft_vocab"] and not shared:
             raise ValueError("draft_vocab needs share_lm_head (heads with their own LM heads score the full vocabulary)")
+        self.ready(settings["draft_vocab"] if shared else None)
 
     def acceptance(self, sampling: Sampling | None):
         return rule_for(sampling.temperature, sampling.generator, self.settings["accept"]) if sampling else GREEDY
