@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="pick a drafter checkpoint's default options by measured throughput",
                                description="Decodes held-out ShareGPT prompts with vanilla and each option variant "
                                "(Medusa: trees; Kangaroo: threshold x steps x draft vocabulary, and with --variant tree: "
-                               "threshold x steps x top_k x total_tokens; EAGLE-2: depth x top_k x total_tokens), each right after a vanilla run on the same prompts, and records "
-                               "the one with the best speedup as the checkpoint's recommended defaults, with the table, "
-                               "in its config.json. Run it on a quiet machine: it measures speed.")
+                               "threshold x steps x top_k x total_tokens; EAGLE-2: depth x top_k x total_tokens), each "
+                               "right after a vanilla run on the same prompts, and records the one with the best "
+                               "speedup as the checkpoint's recommended defaults, with the table, in its config.json. "
+                               "Run it on a quiet machine: it measures speed.")
     tune.add_argument("--model", default="gemma-3-270m")
     tune.add_argument("--method", required=True, choices=[n for n, m in methods.available().items() if m.tuning_grid])
     tune.add_argument("--checkpoint", help="checkpoint folder [methods/checkpoints/MODEL/METHOD]")

@@ -67,9 +67,10 @@ def initial_drafter(model: Transformer) -> EagleDrafter:
     current one. fc passes the feature half through (identity), its embedding half and bias start
     at zero; the layer is a copy of the target's last layer that adds nothing until trained: its
     output projections (o_proj, down_proj) are zero, or on Gemma, whose post-attention and
-    post-feedforward norms would rescale any non-zero output to full size, those norms' scales. Starting from the target's last layer as is puts the output on the residual
-    stream's scale, hundreds of times the normed feature's on Gemma 3 (RMS ~1,400 against ~4), and
-    training spends its first half hour shrinking it."""
+    post-feedforward norms would rescale any non-zero output to full size, those norms' scales.
+    Starting from the target's last layer as is puts the output on the residual stream's scale,
+    hundreds of times the normed feature's on Gemma 3 (RMS ~1,400 against ~4), and training spends
+    its first half hour shrinking it."""
     drafter = random_drafter(model)
     hidden = model.config.hidden_size
     with torch.no_grad():
