@@ -41,17 +41,20 @@ def write_report(run_dir) -> pd.DataFrame:
     table = summarize(run)
     if table.empty:
         raise UserError(f"{directory}: no method to report")
+    profile = None
+    if (directory / "profile.csv").exists():
+        from bench.profile import read_profile
+        profile = read_profile(directory / "profile.csv")
     write_csv(table, directory / "summary.csv")
-    (directory / "summary.md").write_text(markdown_report(run, table), encoding="utf-8")
+    (directory / "summary.md").write_text(markdown_report(run, table, profile), encoding="utf-8")
     (directory / "summary.tex").write_text(latex_table(run, table), encoding="utf-8")
     figures = directory / "figures"
     figures.mkdir(exist_ok=True)
     plot_speedup(run, table, figures / "speedup.png")
     plot_mean_accepted_tokens(run, table, figures / "mean_accepted_tokens.png")
     plot_overhead(run, table, figures / "overhead.png")
-    if (directory / "profile.csv").exists():
-        from bench.profile import read_profile
-        plot_speedup_vs_tau(run, table, read_profile(directory / "profile.csv"), figures / "speedup_vs_tau.png")
+    if profile is not None:
+        plot_speedup_vs_tau(run, table, profile, figures / "speedup_vs_tau.png")
     return table
 
 
@@ -117,8 +120,9 @@ def _hardware(config: dict) -> str | None:
 # Markdown
 
 
-def markdown_report(run: Run, table: pd.DataFrame) -> str:
-    """The human-readable summary: settings, the table, skipped methods, failures, lossless notes."""
+def markdown_report(run: Run, table: pd.DataFrame, profile: list[dict] | None = None) -> str:
+    """The human-readable summary: settings, the table, skipped methods, failures, lossless notes,
+    and with a step-cost profile (profile.csv rows) where each drafting method's time goes."""
     config = run.config
     runs = int(table["runs"].max()) if table["runs"].notna().any() else 1
     lines = [f"# Spec-Bench results: {config.get('model', 'unknown model')}", ""]
@@ -155,7 +159,7 @@ def markdown_report(run: Run, table: pd.DataFrame) -> str:
         ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += _latency_section(run)
-    lines += _acceptance_section(run, table) + _rules_section(run, table)
+    lines += _acceptance_section(run, table) + _step_cost_section(run, table, profile) + _rules_section(run, table)
     lines += _skipped_section(run, table) + _failures_section(run) + _lossless_section(run, table)
     return "\n".join(lines) + "\n"
 
@@ -178,6 +182,40 @@ def _acceptance_section(run: Run, table: pd.DataFrame) -> list[str]:
             "that proposed more than i (the first 8 positions).", "",
             "| Method | Draft acceptance rate | Mean acceptance length | Accepted tokens per position |",
             "|---|---|---|---|"] + rows
+
+
+def _step_cost_section(run: Run, table: pd.DataFrame, profile: list[dict] | None) -> list[str]:
+    """Per drafting method, from the profile's step costs at the method's options: the speedup that
+    Leviathan's bound gives at the run's overall τ, the same with the measured verification, and the
+    measured speedup; the gaps say whether the verification or everything else costs the speed."""
+    if not profile:
+        return []
+    overall = table[table["category"] == OVERALL].set_index("method")
+    rows, step_ms = [], None
+    for label in _shown_methods(run, table):
+        if label not in overall.index or _missing(overall.at[label, "mean_accepted_tokens"]):
+            continue
+        entry = run.config.get("methods", {}).get(label, {})
+        costs = step_costs(profile, entry.get("name", label), entry.get("effective_options") or entry.get("options", {}))
+        if costs is None:
+            continue
+        tau, step_ms = float(overall.at[label, "mean_accepted_tokens"]), costs.step_ms
+        rows.append(f"| {label} | {costs.gamma} | {costs.draft_ms:.1f} | {costs.verify_ms:.1f} "
+                    f"({costs.verify_ms / costs.step_ms:.2f}) | {tau:.2f} | {costs.leviathan(tau):.2f}× | "
+                    f"{costs.measured(tau):.2f}× | {_number(overall.at[label, 'speedup'], 2, '×')} |")
+    if not rows:
+        return []
+    return ["", "## Where the time goes", "",
+            f"From this run's step-cost profile (profile.csv, smallest profiled context): one target step, a "
+            f"forward over one token, costs {step_ms:.1f} ms. Per drafting method at its options: γ = tokens drafted "
+            "per step (a tree's depth), the time to draft them, the forward that verifies them (÷ one step), and "
+            "the speedup three ways at the run's overall τ: Leviathan's bound τ ÷ (γc + 1), where verification "
+            "costs one step; the same with the measured verification, τ · step ÷ (draft + verify); and the "
+            "measured speedup. The first gap is what a verification that is not flat costs; the second, "
+            "what the profiled forwards leave out (longer contexts, bookkeeping) or overstate (a draft that "
+            "stops before γ tokens).", "",
+            "| Method | γ | Draft (ms) | Verify (ms, ÷ step) | τ | Leviathan bound | With measured verify | Measured |",
+            "|---|---|---|---|---|---|---|---|"] + rows
 
 
 def _rules_section(run: Run, table: pd.DataFrame) -> list[str]:

@@ -98,6 +98,21 @@ class Drafter(Method):
             self.settings[key] = self.recommended.get(key, paper_default)
         return self.settings[key]
 
+    def recommend_tree(self, paper: dict, cpu: dict, depth_key: str) -> None:
+        """Fill a draft tree's budget left unset and check it. The papers' defaults (`paper`) hold for
+        the Vicuna models they were tuned on, on a GPU; every other model gets `cpu`, a budget for the
+        CPU path, where a verification past ~16 tokens costs well over a step. A checkpoint's tuned
+        values come first either way. `depth_key` names the option that bounds the tree's depth."""
+        defaults = paper if (self.model.alias or "").startswith("vicuna") else cpu
+        for key, value in defaults.items():
+            self.recommend(key, value)
+        for key in (depth_key, "top_k"):
+            if self.settings[key] < 1:
+                raise ValueError(f"{self.name}: {key} must be at least 1, not {self.settings[key]}")
+        if self.settings["total_tokens"] < 2:
+            raise ValueError(f"{self.name}: total_tokens must be at least 2 (the pending token and one draft), "
+                             f"not {self.settings['total_tokens']}")
+
     def ready(self, draft_vocab: int | None) -> None:
         """A constructor's last step: freeze the trained modules, route their products through the
         target's matmul path, and pick the draft head over `draft_vocab` words (None: the method

@@ -162,15 +162,7 @@ class Eagle2(Drafter):
             self.drafter, _ = load_drafter(self.folder, model)
         else:
             self.drafter = random_drafter(model)
-        defaults = VICUNA_DEFAULTS if (model.alias or "").startswith("vicuna") else CPU_DEFAULTS
-        for key, value in defaults.items():
-            self.recommend(key, value)
-        for key in ("depth", "top_k"):
-            if self.settings[key] < 1:
-                raise ValueError(f"eagle2: {key} must be at least 1, not {self.settings[key]}")
-        if self.settings["total_tokens"] < 2:
-            raise ValueError(f"eagle2: total_tokens must be at least 2 (the pending token and one draft), "
-                             f"not {self.settings['total_tokens']}")
+        self.recommend_tree(VICUNA_DEFAULTS, CPU_DEFAULTS, depth_key="depth")
         self.ready(self.settings["draft_vocab"])
 
     def trained_modules(self) -> list[nn.Module]:

@@ -31,6 +31,8 @@ from methods.train import (TrainingJob, candidate_head, chain_acceptance, precom
 PUBLISHED_HINT = ("Pass an adapter folder with --method-args kangaroo:adapter=PATH or KANGAROO_ADAPTER=PATH (the "
                   "published Vicuna-7B adapter, Equationliu/Kangaroo: config.json + pytorch_model.bin, has no hub "
                   "id), or train one with `make train MODEL={model} METHOD=kangaroo` (on a GPU for Vicuna).")
+TREE_PAPER_DEFAULTS = {"top_k": 10, "total_tokens": 60}  # the NeurIPS version's tree on Vicuna
+TREE_CPU_DEFAULTS = {"top_k": 4, "total_tokens": 16}  # at most 16 verified tokens on the CPU path
 DEFAULT_EXIT_LAYER = {"vicuna-13b": 3}  # else 2 (the paper's choice for Vicuna-7B)
 
 
@@ -125,14 +127,7 @@ class Kangaroo(Drafter):
         self.recommend("threshold", 0.6)
         self.recommend("steps", 6)
         if self.settings["tree"]:
-            vicuna = (model.alias or "").startswith("vicuna")
-            self.recommend("top_k", 10 if vicuna else 4)
-            self.recommend("total_tokens", 60 if vicuna else 16)
-            if self.settings["top_k"] < 1 or self.settings["steps"] < 1:
-                raise ValueError("kangaroo: top_k and steps must be at least 1 with tree=true")
-            if self.settings["total_tokens"] < 2:
-                raise ValueError(f"kangaroo: total_tokens must be at least 2 (the pending token and one draft), "
-                                 f"not {self.settings['total_tokens']}")
+            self.recommend_tree(TREE_PAPER_DEFAULTS, TREE_CPU_DEFAULTS, depth_key="steps")
         elif self.settings["top_k"] is not None or self.settings["total_tokens"] is not None:
             raise ValueError("kangaroo: top_k and total_tokens shape the draft tree; add tree=true")
         self.exit_layer = self.settings["exit_layer"] or trained_exit or DEFAULT_EXIT_LAYER.get(model.alias or "", 2)

@@ -102,4 +102,10 @@ def test_a_method_defined_here_runs_reports_and_profiles(repeat_last, questions_
     options = json.loads((out / "config.json").read_text())["methods"]["repeat-last+copies=3"]["effective_options"]
     costs = metrics.step_costs(profiled, "repeat-last", options)
     assert costs.gamma == 3 and costs.verify_ms == ProfileTable(profiled).forward(4)
+    # summary.md's step-cost section: the bounds at the run's τ, from the same profile rows
+    tau = rows["repeat-last+copies=3", "overall"]["mean_accepted_tokens"]
+    lines = (out / "summary.md").read_text().splitlines()
+    assert "## Where the time goes" in lines
+    row = next(line for line in lines if line.startswith("| repeat-last+copies=3 | 3 |"))
+    assert f"| {costs.leviathan(tau):.2f}× | {costs.measured(tau):.2f}× |" in row
     assert (out / "figures" / "speedup_vs_tau.png").is_file()

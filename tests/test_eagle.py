@@ -87,6 +87,27 @@ def test_bad_options_are_refused_with_the_reason():
         eagle(runtime, width=3)
 
 
+@pytest.mark.parametrize("spec, options, budget", [
+    ("eagle2", {}, ("depth", 6, 10, 60)),
+    ("kangaroo", {"tree": True}, ("steps", 6, 10, 60)),
+])
+def test_tree_budgets_are_the_papers_on_vicuna_and_small_elsewhere(monkeypatch, spec, options, budget):
+    """The papers' trees (top-k 10, 60 tokens) on the Vicuna models they were tuned for; at most
+    16 verified tokens elsewhere; an explicit option always wins."""
+    import methods.drafter
+    runtime = tiny("tiny-llama-random").runtime
+    depth_key, depth, top_k, total = budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = get(spec)(runtime, **options)
+        assert small.settings["total_tokens"] <= 16 and small.settings["top_k"] < top_k
+        monkeypatch.setattr(methods.drafter, "random_fallback_allowed", lambda model: True)
+        monkeypatch.setattr(runtime, "alias", "vicuna-7b")
+        paper = get(spec)(runtime, **options)
+        assert (paper.settings[depth_key], paper.settings["top_k"], paper.settings["total_tokens"]) == (depth, top_k, total)
+        assert get(spec)(runtime, **options, total_tokens=7).settings["total_tokens"] == 7
+
+
 def test_held_out_acceptance_per_depth_matches_drafting_chain_by_chain():
     """evaluate_drafter runs every chain of a depth in one masked forward; drafting each chain on
     its own (a fresh cache: the true prefix, then the drafter's own features) must agree."""

@@ -134,8 +134,10 @@ def test_tree_options_need_tree_true_and_sane_values():
         get("kangaroo")(runtime, top_k=3)
     with pytest.raises(ValueError, match="total_tokens must be at least 2"):
         get("kangaroo")(runtime, tree=True, total_tokens=1)
-    with pytest.raises(ValueError, match="top_k and steps must be at least 1"):
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
         get("kangaroo")(runtime, tree=True, top_k=0)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        get("kangaroo")(runtime, tree=True, steps=0)
     method = get("kangaroo")(runtime, tree=True)
     assert (method.settings["top_k"], method.settings["total_tokens"]) == (4, 16)
 
