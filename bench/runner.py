@@ -339,7 +339,10 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
     stats_path = out / "method_stats.json"
     (out / "answers").mkdir(parents=True, exist_ok=True)
     reference: dict[int, dict] = {}
-    resolved: dict[str, str] = {}  # the effective (name, options, checkpoints) of each label run, as JSON
+    # per label built: its identity (name, effective options, checkpoint hashes, as JSON: a twin has
+    # the same) and its checkpoint files' hashes, kept after the method object is dropped
+    resolved: dict[str, str] = {}
+    loaded_checkpoints: dict[str, dict] = {}
 
     def skip(spec: MethodSpec, reason: str) -> None:
         print(f"[run] skipping {spec.label}: {reason}", file=sys.stderr)
@@ -365,7 +368,7 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
                            f"{json.dumps(method.settings, default=str)}): not timed twice")
                 del method
                 continue
-            resolved[spec.label] = identity
+            resolved[spec.label], loaded_checkpoints[spec.label] = identity, dict(loaded)
             previous = config["methods"][spec.label].get("checkpoints") or {}
             if previous and loaded and sorted(previous.values()) != sorted(loaded.values()):
                 raise UserError(f"{out} was run with other checkpoint files for {spec.label} than the ones loaded now "
@@ -379,7 +382,7 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
             classify_records(model, spec, questions, records, reference, out)
         if spec.label == "vanilla":
             reference = records
-        config["methods"][spec.label]["checkpoints"] = dict(checkpoints[spec.label])
+        config["methods"][spec.label]["checkpoints"] = loaded_checkpoints[spec.label]
         # what the method made of its options (e.g. an exit layer taken from its checkpoint)
         config["methods"][spec.label]["effective_options"] = loaded_identity[1]
         if peak is None:  # nothing ran now (a resumed run): keep the figure measured before
@@ -395,18 +398,14 @@ def run_methods(model: LoadedModel, plan: Plan, questions: list[dict], settings:
     def rule_of(method) -> str:
         return "greedy" if not settings.temperature else type(method).acceptance_name(method.settings)
 
-    checkpoints: dict[str, dict] = {}
     if settings.order == "method":
         for spec, method in built():
-            checkpoints[spec.label] = getattr(method, "checkpoints", {})
             records, peak = run_method(model, method, spec, questions, settings, out)
             overhead, rule = method.overhead(), rule_of(method)
             del method  # its caches go before the lossless check allocates its own
             finish(spec, records, peak, overhead, rule)
         return stats
     live = list(built())
-    for spec, method in live:
-        checkpoints[spec.label] = getattr(method, "checkpoints", {})
     outcomes = run_interleaved(model, live, questions, settings, out)
     finals = [(spec, outcomes[spec.label], method.overhead(), rule_of(method)) for spec, method in live]
     live.clear()  # every method's caches go before the lossless checks allocate their own
