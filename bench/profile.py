@@ -15,7 +15,10 @@ forwards are also timed on the BLAS path in the same process (`forward_blas`), s
 milliseconds come paired with BLAS's. Where memory bandwidth drifts (a shared host), a floor
 measured once and a forward measured a minute later do not compare, so the one-token forward is
 also timed in alternation with the read probe (`floor_interleaved`, `forward_interleaved`, and
-their median ratio `forward_over_floor_interleaved` in profile.json).
+their median ratio `forward_over_floor_interleaved` in profile.json). For the same reason each
+method's component is timed in alternation with a one-token forward at its context and recorded as
+that ratio times the `forward` rows' one-token time, so a method's step costs (`StepCosts`) and the
+forwards they are compared with describe one machine state.
 
 Writes DIR/profile.csv (component,k,context,ms_min,ms_median; the floor rows are component
 `floor`, the measurements `stream_read_1gib`, `lm_head_read_blas` and `peak_matmul`), DIR/profile.json (bandwidth,
@@ -46,14 +49,17 @@ COLUMNS = ["component", "k", "context", "ms_min", "ms_median"]
 def timed(function, device: torch.device, repeats: int = 5) -> tuple[float, float]:
     """(min, median) milliseconds of `function()` over `repeats` runs after one warm-up."""
     function()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        function()
-        sync(device)
-        times.append(1000 * (time.perf_counter() - started))
+    times = [once(function, device) for _ in range(repeats)]
     return min(times), statistics.median(times)
+
+
+def once(function, device: torch.device) -> float:
+    """Milliseconds of one call of `function()`."""
+    sync(device)
+    started = time.perf_counter()
+    function()
+    sync(device)
+    return 1000 * (time.perf_counter() - started)
 
 
 def _all_threads():
@@ -223,11 +229,27 @@ def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repea
     for k in k_values:
         add("lm_head", k, 0, lambda: runtime.lm_head(hidden[k]))
 
+    steps = {r["context"]: r["ms_min"] for r in rows if r["component"] == "forward" and r["k"] == 1}
+    one_token = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    def add_paired(component, k, context, function):
+        """A method's component, each repeat right after a one-token forward at the same context,
+        recorded as its ratio to that forward times the `forward` rows' one-token time: a method's
+        step costs and the forwards they are compared with then share one machine state, though
+        this host's memory speed can drift by 2x between the forward rows and the methods' rows."""
+        if context not in steps:
+            return add(component, k, context, function)
+        def step():
+            runtime.forward(one_token, cache, context)
+        function(), step()  # warm-up
+        ratios = [once(function, device) / once(step, device) for _ in range(repeats)]
+        record(component, k, context, min(ratios) * steps[context], statistics.median(ratios) * steps[context])
+
     for name, method in methods.available().items():  # each method's own step components (its hook)
         for context in contexts:
             try:
                 method.profile(runtime, cache, context, lambda component, k, function, context=context:
-                               add(component, k, context, function))
+                               add_paired(component, k, context, function))
             except methods.MissingCheckpoint as error:
                 print(f"[profile] {name} skipped: {error}", file=sys.stderr)
                 break

@@ -118,8 +118,9 @@ class ProfileTable:
         rows = [r for r in rows if r["context"] == context]
         return rows[0]["ms_min"] if rows else None
 
-    def forward(self, k: int) -> float | None:
-        """A target forward over k new tokens at the smallest profiled context, interpolated in k."""
+    def forward(self, k: int, extrapolate: bool = True) -> float | None:
+        """A target forward over k new tokens at the smallest profiled context, interpolated in k;
+        outside the profiled k the nearest point, or None with `extrapolate` False."""
         rows = [r for r in self.rows if r["component"] == "forward"]
         if not rows:
             return None
@@ -128,6 +129,8 @@ class ProfileTable:
         if k in points:
             return points[k]
         ks = sorted(points)
+        if not extrapolate and not ks[0] <= k <= ks[-1]:
+            return None
         if k <= ks[0] or k >= ks[-1]:
             return points[ks[0] if k <= ks[0] else ks[-1]]
         below, above = max(x for x in ks if x < k), min(x for x in ks if x > k)

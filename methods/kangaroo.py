@@ -345,7 +345,7 @@ class Kangaroo(Drafter):
         if options.get("tree"):  # at full depth: the pending token, then steps - 1 levels of top_k
             top_k, total = int(options.get("top_k") or 0), int(options.get("total_tokens") or 0)
             level = profile.ms("kangaroo_tree_draft" + (f"_vocab{vocab}" if vocab else ""), top_k)
-            verify = profile.ms("kangaroo_tree_verify", total) or profile.forward(total)
+            verify = profile.ms("kangaroo_tree_verify", total) or profile.forward(total, extrapolate=False)
             if not gamma or draft is None or level is None or verify is None or profile.forward(1) is None:
                 return None
             return StepCosts(gamma, profile.forward(1), draft + (gamma - 1) * level, verify)

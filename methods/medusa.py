@@ -246,7 +246,13 @@ class Medusa(Drafter):
     @classmethod
     def step_costs(cls, profile: ProfileTable, options: dict) -> StepCosts | None:
         gamma = int(options.get("num_heads") or 0)
-        draft, verify = profile.ms("medusa_draft"), profile.ms(f"medusa_verify_{options.get('tree')}")
+        tree = options.get("tree")
+        draft, verify = profile.ms("medusa_draft"), profile.ms(f"medusa_verify_{tree}")
+        if verify is None and tree:  # a tree the profile does not time: a forward over its nodes, if profiled
+            try:
+                verify = profile.forward(len(read_tree(tree)) + 1, extrapolate=False)
+            except ValueError:
+                verify = None
         if not gamma or draft is None or verify is None or profile.forward(1) is None:
             return None
         return StepCosts(gamma, profile.forward(1), draft, verify)

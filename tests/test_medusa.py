@@ -214,3 +214,19 @@ def test_a_real_model_without_heads_is_a_missing_checkpoint(monkeypatch):
     monkeypatch.setattr(model.runtime, "alias", "someone/their-model")
     with pytest.raises(MissingCheckpoint, match="make train MODEL=someone/their-model METHOD=medusa"):
         get("medusa")(model.runtime)
+
+
+def test_step_costs_of_a_tree_the_profile_does_not_time_use_a_forward_over_its_nodes():
+    """chain_3 (the tuned tree of the embedded model) is not among the profiled trees: its
+    verification is costed as a forward over its 4 nodes, interpolated from the profiled ones."""
+    from methods import ProfileTable
+    rows = [{"component": "forward", "k": k, "context": 128, "ms_min": ms, "ms_median": ms}
+            for k, ms in ((1, 10.0), (2, 11.0), (8, 17.0))]
+    rows += [{"component": "medusa_draft", "k": 1, "context": 128, "ms_min": 1.5, "ms_median": 1.5},
+             {"component": "medusa_verify_chain_2", "k": 3, "context": 128, "ms_min": 12.5, "ms_median": 12.5}]
+    medusa = get("medusa")
+    profiled = medusa.step_costs(ProfileTable(rows), {"num_heads": 2, "tree": "chain_2"})
+    assert (profiled.gamma, profiled.draft_ms, profiled.verify_ms) == (2, 1.5, 12.5)
+    unprofiled = medusa.step_costs(ProfileTable(rows), {"num_heads": 3, "tree": "chain_3"})
+    assert unprofiled.verify_ms == pytest.approx(ProfileTable(rows).forward(4)) and unprofiled.step_ms == 10.0
+    assert medusa.step_costs(ProfileTable(rows), {"num_heads": 3, "tree": "no_such_tree"}) is None

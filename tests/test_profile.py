@@ -109,7 +109,8 @@ def test_step_costs_per_method():
     pld = step_costs(rows, "pld", {"num_draft": 10})
     assert pld.draft_ms == 0.4 and pld.verify_ms == 60.0  # beyond the largest k: the last point
     assert step_costs(rows, "vanilla", {}) is None
-    assert step_costs(rows, "medusa", {"num_heads": 4, "tree": "mc_sim_7b_63"}) is None
+    assert step_costs(rows, "medusa", {"num_heads": 4, "tree": "mc_sim_7b_63"}) is None  # 64 nodes: not profiled
+    assert step_costs(rows, "medusa", {"num_heads": 3, "tree": "chain_3"}).verify_ms == pytest.approx(50.0)
     trees = (_rows("kangaroo_tree_draft_vocab32768", [(4, 12.0)]) + _rows("kangaroo_tree_verify", [(16, 70.0)])
              + _rows("eagle2_draft", [(1, 3.0), (4, 5.0)]) + _rows("eagle2_verify", [(16, 66.0)]))
     tree = step_costs(rows + trees, "kangaroo", {"steps": 6, "draft_vocab": 32768, "tree": True, "top_k": 4,
@@ -118,3 +119,24 @@ def test_step_costs_per_method():
     eagle = step_costs(rows + trees, "eagle2", {"depth": 4, "top_k": 4, "total_tokens": 16})
     assert (eagle.gamma, eagle.draft_ms, eagle.verify_ms) == (4, 2 * 3.0 + 3 * 5.0, 66.0)
     assert step_costs(rows + trees, "eagle2", {"depth": 4, "top_k": 10, "total_tokens": 60}) is None
+
+
+def test_method_components_are_timed_against_an_interleaved_step(monkeypatch):
+    """The host slows down 3x between the forward rows and the methods' rows: a component that
+    costs what a one-token forward costs is still recorded at the forward rows' one-token time,
+    since it is timed as a ratio to a one-token forward right before it."""
+    from bench.profile import methods as registry
+    phase = {"slow": False}
+    monkeypatch.setattr(profile, "once", lambda function, device: 3.0 if phase["slow"] else 1.0)
+    available = registry.available
+
+    def later():
+        phase["slow"] = True
+        return available()
+    monkeypatch.setattr(registry, "available", later)
+    rows, _ = profile.profile_rows(tiny("tiny-llama-random", "float32"), k_values=(1, 2), contexts=(16,),
+                                   repeats=2, stream_bytes=1 << 20)
+    step = next(r["ms_min"] for r in rows if r["component"] == "forward" and r["k"] == 1)
+    components = [r for r in rows if r["component"].startswith(("kangaroo_", "medusa_", "eagle2_", "pld_"))]
+    assert step == 1.0 and len(components) >= 5
+    assert all(r["ms_min"] == r["ms_median"] == step for r in components), components
