@@ -239,9 +239,11 @@ def profile_rows(model: LoadedModel, k_values=K_VALUES, contexts=CONTEXTS, repea
         this host's memory speed can drift by 2x between the forward rows and the methods' rows."""
         if context not in steps:
             return add(component, k, context, function)
+
         def step():
             runtime.forward(one_token, cache, context)
-        function(), step()  # warm-up
+        function()  # warm-up
+        step()
         ratios = [once(function, device) / once(step, device) for _ in range(repeats)]
         record(component, k, context, min(ratios) * steps[context], statistics.median(ratios) * steps[context])
 
