@@ -111,8 +111,9 @@ regress-baseline: $(STAMP)
 	  --device cpu --dtype float32 --matmul auto --order question --out $(REGRESS_BASELINE) $(if $(QUESTIONS),--questions $(QUESTIONS))
 
 # The committed reference run (README, "Reference results"): every shipped method, the six groups,
-# 3 questions per group, 128 new tokens, 3 runs, plus the step-cost profile; about 85 minutes on
-# the 2-core EPYC. Run it on a quiet machine: nothing else may share the cores while it times.
+# 3 questions per group, 128 new tokens, 3 runs, plus the step-cost profile; 40 to 70 minutes on
+# the 2-core EPYC, as its memory speed goes. Run it on a quiet machine: nothing else may share the
+# cores while it times.
 REFERENCE_OUT ?= results/reference
 reference: $(STAMP)
 	rm -rf $(REFERENCE_OUT)
