@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bench.drafts import acceptance_counts
 from bench.errors import UserError
 from bench.metrics import (OVERALL, SUMMARY_COLUMNS, Run, errors, is_skipped, latency_breakdown, load_run, rule,
                            step_costs, succeeded, summarize, temperature, vllm_acceptance)
@@ -200,9 +201,9 @@ def _step_cost_section(run: Run, table: pd.DataFrame, profile: list[dict] | None
         if costs is None:
             continue
         tau, step_ms = float(overall.at[label, "mean_accepted_tokens"]), costs.step_ms
-        choices = [c for r in run.answers.get(label, []) if succeeded(r) for c in r["choices"]]
-        steps = sum(len(c.get("accept_lengths", [])) for c in choices)
-        drafted = sum(sum(c.get("draft_lengths", [])) for c in choices)
+        records = run.answers.get(label, [])
+        _, drafted = acceptance_counts(records)
+        steps = sum(len(c.get("accept_lengths", [])) for r in filter(succeeded, records) for c in r["choices"])
         rows.append(f"| {label} | {costs.gamma} | {_number(drafted / steps if steps else None, 2)} | "
                     f"{costs.draft_ms:.1f} | {costs.verify_ms:.1f} "
                     f"({costs.verify_ms / costs.step_ms:.2f}) | {tau:.2f} | {costs.leviathan(tau):.2f}× | "
